@@ -1,0 +1,136 @@
+"""Cache policies as data: how many sink, recent and heavy-hitter tokens a layer keeps, and how scores are pooled.
+
+Names round-trip through :meth:`CachePolicy.parse` / :attr:`CachePolicy.name`:
+
+* ``full`` (alias ``baseline``): keep everything (the reference).
+* ``streaming_{sink}_{window}``: StreamingLLM (arXiv 2309.17453): the first ``sink`` tokens + the newest
+  ``window - sink`` tokens.
+* ``h2o_{sink}_{recent}_{capacity}``: H2O (arXiv 2306.14048): ``sink`` first tokens, ``recent`` newest tokens and
+  ``capacity - sink - recent`` heavy hitters ranked by accumulated attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+ScoreMode = Literal["sum", "mean"]
+SCORE_MODES: tuple[str, ...] = ("sum", "mean")
+DEFAULT_SCORE_MODE: ScoreMode = "mean"
+DEFAULT_SLACK = 64
+DEFAULT_CHUNK = 512
+
+_NAME = re.compile(r"^(?:(full|baseline)|streaming_(\d+)_(\d+)|h2o_(\d+)_(\d+)_(\d+))$")
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What a bounded cache keeps.
+
+    Attributes:
+        kind: ``"full"``, ``"streaming"`` or ``"h2o"``.
+        n_sink: first tokens always kept (attention sinks).
+        n_recent: newest tokens always kept.
+        capacity: tokens kept after an eviction (``None`` for ``full``).
+        score_mode: ``"sum"`` ranks heavy hitters by summed attention (the paper); ``"mean"`` divides by the number
+            of queries that saw the token, which stops old tokens winning just because they are old.
+        slack: extra tokens the cache may hold before it is cut back to ``capacity`` in one gather (0 = every step).
+        chunk_size: prompt tokens per forward during prefill, so long prompts run in bounded memory.
+        rolling: reassign positions inside the cache (re-rotating kept keys), so positions never exceed
+            ``capacity + slack``; off keeps original positions.
+    """
+
+    kind: Literal["full", "streaming", "h2o"] = "full"
+    n_sink: int = 0
+    n_recent: int = 0
+    capacity: int | None = None
+    score_mode: ScoreMode = DEFAULT_SCORE_MODE
+    slack: int = DEFAULT_SLACK
+    chunk_size: int = DEFAULT_CHUNK
+    rolling: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("full", "streaming", "h2o"):
+            raise ValueError(f"unknown policy kind {self.kind!r}; expected 'full', 'streaming' or 'h2o'")
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"unknown score_mode {self.score_mode!r}; expected one of {SCORE_MODES}")
+        for field in ("n_sink", "n_recent", "slack"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.kind == "full":
+            if self.capacity is not None or self.n_sink or self.n_recent:
+                raise ValueError("the full policy takes no sink, recent or capacity")
+            return
+        if self.capacity is None or self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.kind == "streaming" and self.n_sink + self.n_recent != self.capacity:
+            raise ValueError(
+                f"streaming keeps sink + recent = window tokens; got sink={self.n_sink}, "
+                f"recent={self.n_recent}, window={self.capacity}"
+            )
+        if self.kind == "streaming" and self.n_sink >= self.capacity:
+            raise ValueError(f"streaming window ({self.capacity}) must exceed the sink count ({self.n_sink})")
+        if self.kind == "h2o" and self.capacity <= self.n_sink + self.n_recent:
+            raise ValueError(
+                f"h2o capacity ({self.capacity}) must exceed sink + recent ({self.n_sink} + {self.n_recent}) "
+                "to leave room for heavy hitters"
+            )
+
+    @classmethod
+    def full(cls, **options) -> CachePolicy:
+        return cls(kind="full", **options)
+
+    @classmethod
+    def streaming(cls, n_sink: int, window: int, **options) -> CachePolicy:
+        if window <= n_sink:
+            raise ValueError(f"streaming window ({window}) must exceed the sink count ({n_sink})")
+        return cls(kind="streaming", n_sink=n_sink, n_recent=window - n_sink, capacity=window, **options)
+
+    @classmethod
+    def h2o(cls, n_sink: int, n_recent: int, capacity: int, **options) -> CachePolicy:
+        return cls(kind="h2o", n_sink=n_sink, n_recent=n_recent, capacity=capacity, **options)
+
+    @classmethod
+    def parse(cls, name: str, **options) -> CachePolicy:
+        """Build a policy from its name (``full``, ``baseline``, ``streaming_8_256``, ``h2o_8_32_256``);
+        ``options`` set the remaining fields (score_mode, slack, chunk_size, rolling)."""
+        match = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
+        if match is None:
+            raise ValueError(
+                f"unknown cache policy {name!r}; expected 'full', 'baseline', 'streaming_<sink>_<window>' "
+                "or 'h2o_<sink>_<recent>_<capacity>'"
+            )
+        if match.group(1):
+            return cls.full(**options)
+        if match.group(2):
+            return cls.streaming(int(match.group(2)), int(match.group(3)), **options)
+        return cls.h2o(int(match.group(4)), int(match.group(5)), int(match.group(6)), **options)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "full":
+            return "full"
+        if self.kind == "streaming":
+            return f"streaming_{self.n_sink}_{self.capacity}"
+        return f"h2o_{self.n_sink}_{self.n_recent}_{self.capacity}"
+
+    @property
+    def n_heavy(self) -> int:
+        """Heavy-hitter slots: what is left of capacity after sinks and the recent window."""
+        return 0 if self.capacity is None else self.capacity - self.n_sink - self.n_recent
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.kind == "h2o"
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Most tokens a layer holds once a forward call returns (``None``: unbounded)."""
+        return None if self.capacity is None else self.capacity + self.slack
+
+    def replace(self, **changes) -> CachePolicy:
+        return dataclasses.replace(self, **changes)
