@@ -7,6 +7,7 @@ serve: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m app
 
 test: setup
+	./scripts/system-deps.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q
 
 bench-smoke: setup
