@@ -1,15 +1,19 @@
-"""h2o_cache: bounded KV caches (H2O, StreamingLLM) with position rolling for transformers."""
-# TEMPORARY placeholder while the real cache is being written: make_cache returns a DynamicCache.
-from transformers import DynamicCache
+"""h2o_cache: bounded KV caches (H2O, StreamingLLM) with position rolling, as a transformers ``Cache``."""
 
+from h2o_cache.cache import H2OCache, H2OLayer
 from h2o_cache.loading import load_model
+from h2o_cache.patch import disable_streaming_llm, enable_h2o_llm, enable_streaming_llm, make_cache
 from h2o_cache.policy import CachePolicy
+from h2o_cache.rope import RotaryDelta
 
-
-def make_cache(model, policy):
-    if isinstance(policy, str):
-        policy = CachePolicy.parse(policy)
-    return DynamicCache(config=model.config)
-
-
-__all__ = ["CachePolicy", "make_cache", "load_model"]
+__all__ = [
+    "CachePolicy",
+    "H2OCache",
+    "H2OLayer",
+    "RotaryDelta",
+    "disable_streaming_llm",
+    "enable_h2o_llm",
+    "enable_streaming_llm",
+    "load_model",
+    "make_cache",
+]

@@ -1,0 +1,302 @@
+"""Bounded KV cache storage: one :class:`H2OLayer` per model layer inside an :class:`H2OCache`.
+
+Each layer preallocates ``capacity + max(slack, chunk)`` slots and writes new tokens in place. Next to the keys and
+values it keeps, per (batch row, KV head, slot): the absolute token index, a validity flag (padding), the
+accumulated attention and, in ``mean`` mode, how many queries saw the slot. When the layer grows past
+``capacity + slack`` it is cut back to ``capacity`` in one gather; with position rolling the surviving keys are
+re-rotated so that a slot's position is its rank among the row's valid slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from h2o_cache import attention
+from h2o_cache.policy import CachePolicy
+from h2o_cache.rope import RotaryDelta
+from h2o_cache.scoring import heavy_hitter_score, observation_counts, pool_group_attention, select_kept
+
+# Score queries in blocks so that a block's probabilities stay under this many fp32 elements (~64 MB).
+_SCORE_BLOCK_ELEMENTS = 1 << 24
+
+
+class H2OLayer(CacheLayerMixin):
+    """One layer's bounded cache. ``keys``/``values`` are views ``(batch, kv_heads, n_slots, head_dim)`` of the
+    slots in use; ``seen`` counts every token appended (the sequence length transformers sees)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: CachePolicy, rotary: RotaryDelta | None = None):
+        super().__init__()
+        self.policy = policy
+        self.rotary = rotary
+        self.length = 0
+        self.seen = 0
+        self.evicted = 0
+        self.has_padding = False
+        self._slots: dict[str, torch.Tensor] = {}
+
+    # -- storage -------------------------------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+        policy = self.policy
+        n = policy.capacity + max(policy.slack, policy.chunk_size) if policy.capacity else 256
+        self._allocate(key_states, value_states, max(n, key_states.shape[-2]))
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, n_slots: int) -> None:
+        """(Re)allocate every per-slot tensor with ``n_slots`` slots, keeping the slots in use."""
+        b, h = key_states.shape[:2]
+        kw = {"device": self.device}
+        new = {
+            "keys": torch.zeros(b, h, n_slots, key_states.shape[-1], dtype=self.dtype, **kw),
+            "values": torch.zeros(b, h, n_slots, value_states.shape[-1], dtype=value_states.dtype, **kw),
+            "token_idx": torch.zeros(b, h, n_slots, dtype=torch.int64, **kw),
+            "valid": torch.ones(b, h, n_slots, dtype=torch.bool, **kw),
+        }
+        if self.policy.needs_scores:
+            new["scores"] = torch.zeros(b, h, n_slots, dtype=torch.float32, **kw)
+            if self.policy.score_mode == "mean":
+                new["obs"] = torch.zeros(b, h, n_slots, dtype=torch.float32, **kw)
+        for name, old in self._slots.items():
+            new[name][:, :, : self.length] = old[:, :, : self.length]
+        self._slots = new
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.keys = self._slots["keys"][:, :, : self.length]
+        self.values = self._slots["values"][:, :, : self.length]
+
+    def slot(self, name: str) -> torch.Tensor:
+        """The in-use part of a per-slot tensor: ``keys``, ``values``, ``token_idx``, ``valid``, ``scores``, ``obs``."""
+        return self._slots[name][:, :, : self.length]
+
+    @property
+    def n_slots(self) -> int:
+        return self._slots["keys"].shape[2] if self._slots else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._slots.values())
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(batch, kv_heads, q_len, head_dim)`` new keys/values in place and return all slots in use."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if self.length + q > self.n_slots:
+            grow = self.length + q if self.policy.capacity else max(self.length + q, 2 * self.n_slots)
+            self._allocate(key_states, value_states, grow)
+        start, end = self.length, self.length + q
+        s = self._slots
+        s["keys"][:, :, start:end] = key_states
+        s["values"][:, :, start:end] = value_states
+        s["token_idx"][:, :, start:end] = torch.arange(self.seen, self.seen + q, device=self.device)
+        s["valid"][:, :, start:end] = True
+        for name in ("scores", "obs"):
+            if name in s:
+                s[name][:, :, start:end] = 0
+        self.length, self.seen = end, self.seen + q
+        self._refresh_views()
+        attention.set_active_layer(self)
+        return self.keys, self.values
+
+    # -- attention + scoring -------------------------------------------------------------------------------------
+
+    def _mask(self, q: int) -> torch.Tensor | None:
+        """Boolean mask ``(batch|1, kv_heads|1, q, n)``: new tokens are causal among themselves, padding is hidden.
+        Each query may always see itself, so padding rows never softmax over nothing."""
+        n = self.length
+        if not self.has_padding and q == 1:
+            return None
+        rows = torch.arange(q, device=self.device)[:, None]
+        cols = torch.arange(n, device=self.device)[None, :]
+        allowed = cols <= rows + (n - q)
+        if not self.has_padding:
+            return allowed[None, None]
+        valid = self.slot("valid")[:, :, None, :]
+        return (valid & allowed) | (cols == rows + (n - q))
+
+    def attend(self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+        """Attention of ``query`` ``(batch, heads, q_len, head_dim)`` over the slots in use; accumulates scores and
+        evicts when over budget. Returns ``(batch, q_len, heads, head_dim)`` like transformers' SDPA path."""
+        b, hq, q, d = query.shape
+        hk = self.keys.shape[1]
+        group = hq // hk
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+        if new_valid is not None:
+            self._slots["valid"][:, :, self.length - q : self.length] = new_valid[:, None, :]
+            self.has_padding = True
+        mask = self._mask(q)
+        if self.policy.needs_scores and q == 1:
+            out = self._decode_with_scores(query, mask, scale, new_valid)
+        else:
+            out = self._sdpa(query, mask, scale)
+            if self.policy.needs_scores:
+                self._score_prefill(query, mask, scale, new_valid)
+        if self.policy.needs_scores and "obs" in self._slots:
+            qvalid = new_valid if new_valid is not None else torch.ones(b, q, dtype=torch.bool, device=self.device)
+            self.slot("obs").add_(observation_counts(self.length, qvalid)[:, None, :])
+        if self.policy.capacity is not None and self.length > self.policy.capacity + self.policy.slack:
+            self.evict(self.policy.capacity)
+        return out.transpose(1, 2).contiguous()
+
+    def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        hq, hk, q = query.shape[1], self.keys.shape[1], query.shape[2]
+        is_causal = q > 1 and q == self.length and not self.has_padding  # plain prompt: SDPA's fused causal path
+        if is_causal:
+            mask = None
+        elif mask is not None and mask.shape[1] > 1:  # per-KV-head padding mask -> per query head
+            mask = mask.repeat_interleave(hq // hk, dim=1)
+        return F.scaled_dot_product_attention(
+            query, self.keys, self.values, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hk
+        )
+
+    def _decode_with_scores(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scale: float, new_valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One query token: the probabilities serve both the output and the scores (no second QK^T)."""
+        b, hq, _, d = query.shape
+        hk = self.keys.shape[1]
+        qg = query.view(b, hk, hq // hk, d)
+        logits = torch.matmul(qg, self.keys.transpose(-1, -2)).float() * scale  # (b, hk, g, n)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))  # (b, hk, 1, n) broadcasts over the group
+        probs = logits.softmax(dim=-1)
+        self.slot("scores").add_(pool_group_attention(probs[:, :, :, None, :], new_valid))
+        out = torch.matmul(probs.to(self.values.dtype), self.values)  # (b, hk, g, d)
+        return out.reshape(b, hq, 1, d)
+
+    def _score_prefill(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scale: float, new_valid: torch.Tensor | None
+    ) -> None:
+        """Attention mass per slot from a multi-token query, in query blocks: never a full q x n matrix."""
+        b, hq, q, d = query.shape
+        hk, n = self.keys.shape[1], self.length
+        qg = query.view(b, hk, hq // hk, q, d)
+        keys_t = self.keys.transpose(-1, -2)[:, :, None]  # (b, hk, 1, d, n)
+        block = max(1, _SCORE_BLOCK_ELEMENTS // max(1, b * hq * n))
+        scores = self.slot("scores")
+        for i0 in range(0, q, block):
+            i1 = min(q, i0 + block)
+            logits = torch.matmul(qg[:, :, :, i0:i1], keys_t).float() * scale  # (b, hk, g, blk, n)
+            logits = logits.masked_fill(~mask[:, :, None, i0:i1], float("-inf"))
+            qvalid = None if new_valid is None else new_valid[:, i0:i1]
+            scores.add_(pool_group_attention(logits.softmax(dim=-1), qvalid))
+
+    # -- eviction ------------------------------------------------------------------------------------------------
+
+    def make_room(self, q: int) -> None:
+        """Before appending ``q`` tokens: cut back to capacity if the append would exceed
+        ``capacity + max(slack, q)``, which bounds a chunked prefill's peak."""
+        cap = self.policy.capacity
+        if cap is not None and self.length > cap and self.length + q > cap + max(self.policy.slack, q):
+            self.evict(cap)
+
+    def evict(self, n_keep: int) -> None:
+        """Keep the ``n_keep`` best slots per (row, KV head) in one gather; re-rotate keys when rolling."""
+        valid = self.slot("valid")
+        score = None
+        if self.policy.needs_scores:
+            score = heavy_hitter_score(self.slot("scores"), self.slot("obs") if "obs" in self._slots else None)
+        keep = select_kept(self.policy, valid, score, n_keep)
+        kept = {}
+        for name, tensor in self._slots.items():
+            used = tensor[:, :, : self.length]
+            index = keep if used.dim() == 3 else keep[..., None].expand(-1, -1, -1, used.shape[-1])
+            kept[name] = used.gather(2, index)
+        if self.rotary is not None:
+            old_pos = (valid.long().cumsum(-1) - 1).gather(2, keep)
+            new_pos = kept["valid"].long().cumsum(-1) - 1
+            kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
+        for name, tensor in kept.items():
+            self._slots[name][:, :, :n_keep] = tensor
+        self.evicted += self.length - n_keep
+        self.length = n_keep
+        self._refresh_views()
+
+    def valid_counts(self) -> torch.Tensor:
+        """``(batch,)`` valid slots per row (equal across KV heads: padding always ranks last)."""
+        if not self.has_padding:
+            return torch.full((self._slots["keys"].shape[0],), self.length, device=self.device)
+        return self.slot("valid")[:, 0].sum(-1)
+
+    # -- transformers Cache contract -----------------------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Keys attended to (kept + new) and the offset that makes a plain causal mask right over them."""
+        return self.length + query_length, self.seen - self.length
+
+    def get_max_length(self) -> int:
+        return -1 if self.policy.max_tokens is None else self.policy.max_tokens
+
+    def _apply_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._slots = {name: fn(t) for name, t in self._slots.items()}
+            self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self._slots = {}
+        self.keys = self.values = None
+        self.length = self.seen = self.evicted = 0
+        self.has_padding = False
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be rolled back (crop)")
+
+
+class H2OCache(Cache):
+    """A transformers ``Cache`` whose layers never hold more than ``capacity + slack`` tokens after a forward."""
+
+    def __init__(self, policy: CachePolicy, num_layers: int, rotary: RotaryDelta | None = None):
+        if policy.rolling and policy.capacity is not None and rotary is None:
+            raise ValueError("position rolling needs the model's rotary frequencies (pass `rotary`)")
+        super().__init__(layers=[H2OLayer(policy, rotary if policy.rolling else None) for _ in range(num_layers)])
+        self.policy = policy
+
+    def kept_tokens(self) -> int:
+        """Tokens held now (the largest layer; all layers hold the same count)."""
+        return max((layer.length for layer in self.layers), default=0)
+
+    @property
+    def evicted_tokens(self) -> int:
+        """Tokens evicted so far, per sequence (layer 0)."""
+        return self.layers[0].evicted if self.layers else 0
+
+    def nbytes(self) -> int:
+        """Bytes allocated by every layer's per-slot tensors (keys, values, scores, bookkeeping)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def make_room(self, q: int) -> None:
+        for layer in self.layers:
+            layer.make_room(q)
+
+    def next_positions(self, new_valid: torch.Tensor | None, q: int, device: torch.device) -> torch.Tensor:
+        """Rolled positions ``(batch, q)`` for ``q`` new tokens: a token's position is the count of valid kept
+        tokens before it, which is also what `generate` assigns while nothing has been evicted."""
+        layer = self.layers[0]
+        base = layer.valid_counts().to(device) if layer.is_initialized else torch.zeros(1, device=device)
+        if new_valid is None:
+            return base[:, None].long() + torch.arange(q, device=device)
+        return base[:, None].long() + (new_valid.long().cumsum(-1) - 1).clamp(min=0)

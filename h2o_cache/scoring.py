@@ -1,0 +1,74 @@
+"""Policy math: pool attention into per-slot scores, and choose which slots survive an eviction.
+
+Every policy keeps the first ``n_sink`` valid tokens and the newest ``n_recent`` valid tokens; H2O fills the rest of
+the capacity with the highest-scoring tokens. Padding slots rank below everything, so they go first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from h2o_cache.policy import CachePolicy
+
+_PROTECTED = torch.finfo(torch.float32).max
+_DROPPED = -torch.finfo(torch.float32).max
+
+
+def pool_group_attention(probs: torch.Tensor, query_valid: torch.Tensor | None) -> torch.Tensor:
+    """Sum post-softmax attention over the query heads of each KV group and over the (valid) queries.
+
+    Args:
+        probs: ``(batch, kv_heads, group, q_len, kv_len)`` fp32 attention probabilities.
+        query_valid: ``(batch, q_len)`` bool, False for padding queries (their rows are garbage), or None.
+
+    Returns:
+        ``(batch, kv_heads, kv_len)`` attention mass received by each slot in this forward.
+    """
+    if query_valid is not None:
+        probs = probs * query_valid[:, None, None, :, None].to(probs.dtype)
+    return probs.sum(dim=(2, 3))
+
+
+def observation_counts(kv_len: int, query_valid: torch.Tensor) -> torch.Tensor:
+    """How many valid queries of this forward could see each slot (causal: new slot ``t`` is seen by queries ``>= t``).
+
+    Args:
+        kv_len: slots after the append (the last ``q_len`` are the new tokens).
+        query_valid: ``(batch, q_len)`` bool.
+
+    Returns:
+        ``(batch, kv_len)`` fp32 counts.
+    """
+    valid = query_valid.to(torch.float32)
+    q_len = valid.shape[-1]
+    seen_by_later = valid.flip(-1).cumsum(-1).flip(-1)
+    old = valid.sum(-1, keepdim=True).expand(-1, kv_len - q_len)
+    return torch.cat((old, seen_by_later), dim=-1)
+
+
+def heavy_hitter_score(acc: torch.Tensor, obs: torch.Tensor | None) -> torch.Tensor:
+    """``sum`` mode ranks by accumulated attention; ``mean`` (``obs`` given) by attention per observing query."""
+    return acc if obs is None else acc / obs.clamp(min=1.0)
+
+
+def select_kept(
+    policy: CachePolicy, valid: torch.Tensor, score: torch.Tensor | None, n_keep: int
+) -> torch.Tensor:
+    """Indices of the ``n_keep`` slots to keep, in their original order.
+
+    Args:
+        valid: ``(batch, kv_heads, kv_len)`` bool, False for padding.
+        score: ``(batch, kv_heads, kv_len)`` heavy-hitter score (None: no heavy hitters, e.g. StreamingLLM).
+        n_keep: slots to keep (<= kv_len).
+
+    Returns:
+        ``(batch, kv_heads, n_keep)`` int64 slot indices, ascending.
+    """
+    rank = valid.to(torch.int32).cumsum(-1)  # 1-based rank among valid slots
+    n_valid = rank[..., -1:]
+    protected = valid & ((rank <= policy.n_sink) | (rank > n_valid - policy.n_recent))
+    middle = torch.zeros_like(rank, dtype=torch.float32) if score is None else score.float()
+    priority = torch.where(valid, middle, _DROPPED)
+    priority = torch.where(protected, _PROTECTED, priority)
+    keep = priority.topk(n_keep, dim=-1, sorted=False).indices
+    return keep.sort(dim=-1).values
