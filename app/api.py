@@ -1,0 +1,328 @@
+"""HTTP routes: they translate between HTTP (JSON, SSE, OpenAI's format) and the engine, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Path as PathParam, Request, Response
+from fastapi.responses import FileResponse
+from h2o_cache import CachePolicy
+from prometheus_client import CONTENT_TYPE_LATEST
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.engine import (
+    Engine,
+    EngineNotReadyError,
+    Generation,
+    GenerationError,
+    QueueFullError,
+    SamplingParams,
+    SessionBusyError,
+)
+from app.metrics import Metrics
+from app.protocol import (
+    SESSION_ID_PATTERN,
+    ChatCompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+    SessionDetail,
+    SessionInfo,
+    SessionList,
+    TokenEvent,
+    TurnResult,
+)
+from app.sessions import Session, SessionLimitError, SessionStore
+from app.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+CANCEL_GRACE_S = 5.0
+"""How long a new turn waits for a cancelled one (e.g. its client disconnected) to wind down before 409."""
+
+SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description="[A-Za-z0-9_.-]{1,128}")]
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "code"}}`; `outcome` labels h2o_requests_total."""
+
+    def __init__(self, status: int, message: str, type_: str, outcome: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.outcome, self.headers = status, message, type_, outcome, headers
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: Engine
+    sessions: SessionStore
+    metrics: Metrics
+
+    def parse_policy(self, name: str | None) -> CachePolicy:
+        """The requested (or default) policy, within the server's limits; ApiError 422 otherwise."""
+        try:
+            policy = CachePolicy.parse(name or self.settings.policy, slack=self.settings.policy_slack)
+        except ValueError as exc:
+            raise ApiError(422, str(exc), "invalid_policy", "invalid") from exc
+        if policy.max_tokens is None and not self.settings.allow_full_policy:
+            raise ApiError(422, "the unbounded 'full' policy is disabled on this server (H2O_ALLOW_FULL_POLICY)",
+                           "invalid_policy", "invalid")
+        if policy.max_tokens is not None and policy.max_tokens > self.settings.max_policy_tokens:
+            raise ApiError(422, f"policy {policy.name} holds up to {policy.max_tokens} tokens; this server allows "
+                           f"{self.settings.max_policy_tokens} (H2O_MAX_POLICY_TOKENS)", "invalid_policy", "invalid")
+        return policy
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def require_api_key(state: State, authorization: Annotated[str | None, Header()] = None,
+                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+    """When API keys are configured, accept `Authorization: Bearer <key>` (what OpenAI clients send) or
+    `X-API-Key: <key>`."""
+    keys = state.settings.api_keys
+    if not keys:
+        return
+    supplied = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
+    if not supplied or not any(secrets.compare_digest(supplied.encode(), key.encode()) for key in keys):
+        raise ApiError(401, "missing or wrong API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@public.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public.get("/ready")
+def ready(state: State) -> Response:
+    if state.engine.ready:
+        return Response(json.dumps({"status": "ready", "model": state.settings.model}), media_type="application/json")
+    body = {"status": "failed" if state.engine.load_error else "loading", "detail": state.engine.load_error}
+    return Response(json.dumps(body), status_code=503, media_type="application/json",
+                    headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+@public.get("/metrics")
+def metrics(state: State) -> Response:
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@public.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+@protected.get("/sessions")
+def list_sessions(state: State) -> SessionList:
+    return SessionList(sessions=[_info(s) for s in state.sessions])
+
+
+@protected.get("/sessions/{session_id}")
+def get_session(session_id: SessionId, state: State) -> SessionDetail:
+    session = _existing(state, session_id)
+    return SessionDetail(**_info(session).model_dump(), messages=list(session.messages))
+
+
+@protected.delete("/sessions/{session_id}", status_code=204)
+def delete_session(session_id: SessionId, state: State) -> Response:
+    """Deleting a generating session cancels its generation."""
+    session = _existing(state, session_id)
+    state.sessions.pop(session_id)
+    if session.active is not None:
+        session.active.cancel()
+    return Response(status_code=204)
+
+
+@protected.post("/sessions/{session_id}/generate", response_model=None)
+async def generate(session_id: SessionId, body: GenerateRequest, state: State) -> Response | TurnResult:
+    generation = await _start_turn(state, session_id, body.message, body.system, body.policy, body, body.stop)
+    if not body.stream:
+        return await _collect(generation)
+    return EventSourceResponse(_native_events(generation), ping=state.settings.sse_ping_s)
+
+
+@protected.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, state: State,
+                           x_session_id: Annotated[str | None, Header()] = None,
+                           x_h2o_policy: Annotated[str | None, Header()] = None) -> Response | dict:
+    """OpenAI's chat API. The session comes from `X-Session-Id` (or `user`); the server keeps its history, so
+    only the last message (a user message) is new; a leading system message counts on the first turn only."""
+    session_id = x_session_id or body.user
+    if session_id is None or not _valid_session_id(session_id):
+        raise ApiError(422, "send the session id in the X-Session-Id header or the `user` field "
+                       "([A-Za-z0-9_.-]{1,128})", "invalid_session_id", "invalid")
+    if body.messages[-1].role != "user":
+        raise ApiError(422, "the last message must be the user's new message", "invalid_request", "invalid")
+    system = body.messages[0].content if body.messages[0].role in ("system", "developer") else None
+    sampling = body.model_copy(update={"max_new_tokens": body.max_completion_tokens or body.max_tokens})
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    generation = await _start_turn(state, session_id, body.messages[-1].content, system, x_h2o_policy, sampling, stop)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return EventSourceResponse(_openai_chunks(generation, completion_id, created, body.model),
+                                   ping=state.settings.sse_ping_s)
+    result = await _collect(generation)
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": _openai_finish(result.finish_reason)}],
+        "usage": {**result.usage.model_dump(),
+                  "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens},
+    }
+
+
+async def _start_turn(state: ServerState, session_id: str, message: str, system: str | None, policy: str | None,
+                      sampling: SamplingFields, stop: list[str]) -> Generation:
+    """Validate a turn against the server's limits and the session, create the session on first use, and submit
+    the turn. Any error leaves the store and the session as they were."""
+    settings = state.settings
+    if len(message) > settings.max_message_chars:
+        raise ApiError(413, f"message has {len(message)} characters; the limit is {settings.max_message_chars}",
+                       "message_too_large", "invalid")
+    max_new = sampling.max_new_tokens or settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens:
+        raise ApiError(422, f"max_new_tokens={max_new} exceeds the server limit {settings.max_new_tokens}",
+                       "invalid_request", "invalid")
+    if sampling.min_new_tokens > max_new:
+        raise ApiError(422, f"min_new_tokens={sampling.min_new_tokens} exceeds max_new_tokens={max_new}",
+                       "invalid_request", "invalid")
+    if any(not s for s in stop):
+        raise ApiError(422, "stop strings must not be empty", "invalid_request", "invalid")
+    params = SamplingParams(max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
+                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            seed=sampling.seed, stop=tuple(stop))
+    existing = state.sessions.get(session_id)
+    if existing is not None and existing.active is not None and existing.active.cancelled:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(existing.active.finished.wait(), CANCEL_GRACE_S)
+    # No await from here on: the lookup, the checks and the submit happen atomically on the event loop.
+    session = state.sessions.get(session_id)
+    created = session is None
+    if created:
+        session = Session(id=session_id, policy=state.parse_policy(policy), system=system)
+    else:
+        _check_same(session, state.parse_policy(policy) if policy else None, system)
+    try:
+        if created:
+            state.sessions.add(session)
+        generation = state.engine.submit(session, message, params)
+    except SessionLimitError as exc:
+        raise _retry_later(state, 429, str(exc), "too_many_sessions") from exc
+    except QueueFullError as exc:
+        raise _retry_later(state, 429, str(exc), "queue_full") from exc
+    except SessionBusyError as exc:
+        raise ApiError(409, str(exc), "session_busy", "conflict") from exc
+    except EngineNotReadyError as exc:
+        raise _retry_later(state, 503, str(exc), "not_ready") from exc
+    finally:
+        if created and session.active is None:
+            state.sessions.pop(session_id)
+    return generation
+
+
+def _check_same(session: Session, policy: CachePolicy | None, system: str | None) -> None:
+    """A session's policy and system prompt are fixed when it is created."""
+    if policy is not None and policy != session.policy:
+        raise ApiError(422, f"session {session.id!r} uses policy {session.policy.name}; a policy can only be "
+                       "chosen when a session is created", "invalid_policy", "invalid")
+    if system is not None and system != session.system:
+        raise ApiError(422, f"session {session.id!r} already has a different system prompt; it is set on the "
+                       "first turn only", "invalid_request", "invalid")
+
+
+def _retry_later(state: ServerState, status: int, message: str, type_: str) -> ApiError:
+    return ApiError(status, message, type_, "rejected", headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+async def _collect(generation: Generation) -> TurnResult:
+    """Run a turn to its end for a non-streaming response."""
+    try:
+        async for event in generation:
+            if isinstance(event, TurnResult):
+                return event
+    except GenerationError as exc:
+        raise ApiError(500, str(exc), "generation_error") from exc
+    finally:
+        generation.cancel()  # no-op once finished; stops the worker if this handler was cancelled
+    raise AssertionError("a generation always ends with a TurnResult or a GenerationError")
+
+
+async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for event in generation:
+            if isinstance(event, TokenEvent):
+                yield ServerSentEvent(event.model_dump_json(), event="token")
+            else:
+                yield ServerSentEvent(event.model_dump_json(exclude={"text"}), event="done")
+    except GenerationError as exc:
+        yield ServerSentEvent(json.dumps(_error_body(str(exc), "generation_error", 500)), event="error")
+    finally:
+        generation.cancel()  # no-op once finished; a disconnected client stops the generation here
+
+
+async def _openai_chunks(generation: Generation, completion_id: str, created: int,
+                         model: str) -> AsyncIterator[ServerSentEvent]:
+    def chunk(delta: dict, finish_reason: str | None = None) -> ServerSentEvent:
+        return ServerSentEvent(json.dumps({
+            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }))
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for event in generation:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    yield chunk({"content": event.text})
+            else:
+                yield chunk({}, _openai_finish(event.finish_reason))
+        yield ServerSentEvent("[DONE]")
+    except GenerationError as exc:
+        yield ServerSentEvent(json.dumps(_error_body(str(exc), "generation_error", 500)))
+    finally:
+        generation.cancel()
+
+
+def _openai_finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _existing(state: ServerState, session_id: str) -> Session:
+    session = state.sessions.get(session_id)
+    if session is None:
+        raise ApiError(404, f"no session {session_id!r}", "session_not_found")
+    return session
+
+
+def _info(session: Session) -> SessionInfo:
+    return SessionInfo(
+        id=session.id, policy=session.policy.name, turns=session.turns, cache_tokens=session.cache_tokens,
+        cache_tokens_seen=session.cache_tokens_seen, cache_budget=session.policy.max_tokens,
+        evicted_tokens=session.evicted_tokens, cache_bytes=session.cache_bytes, busy=session.active is not None,
+        created_at=session.created_at, updated_at=session.updated_at,
+    )
+
+
+def _valid_session_id(session_id: str) -> bool:
+    return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
+
+
+def _error_body(message: str, type_: str, code: int) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code}}

@@ -1,0 +1,351 @@
+"""The model and its scheduler: one worker thread owns the model and advances every running generation one
+step per round (a prefill chunk or one decoded token), round-robin, so sessions interleave fairly.
+No HTTP here: the routes submit turns and read each turn's events from an asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from h2o_cache import load_model, make_cache
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from app.chat import Message, turn_delta
+from app.metrics import Metrics
+from app.protocol import TokenEvent, TurnResult, Usage
+from app.sessions import Session
+from app.settings import Settings
+from app.textstream import TextStream
+
+logger = logging.getLogger(__name__)
+
+
+class EngineNotReadyError(Exception):
+    """The model is still loading (or failed to load)."""
+
+
+class QueueFullError(Exception):
+    """max_running + max_waiting generations are in flight."""
+
+
+class SessionBusyError(Exception):
+    """The session is generating already."""
+
+
+class GenerationError(Exception):
+    """A generation failed inside the worker; the session was rolled back to its last turn."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           suppress_ids: list[int]) -> int:
+    """Pick the next token from `logits` (vocab,): greedy when temperature is 0, else top-k, then nucleus
+    (top-p), then a draw from `generator`. `suppress_ids` can never be picked."""
+    logits = logits.float()
+    if suppress_ids:
+        logits = logits.index_fill(0, torch.tensor(suppress_ids, device=logits.device), float("-inf"))
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > params.top_p  # tokens after the nucleus reached top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(beyond, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+class Generation:
+    """One turn in flight. Created on the event loop by `Engine.submit`; advanced by the worker; its events
+    (TokenEvent..., then TurnResult or GenerationError) arrive on `events`."""
+
+    def __init__(self, session: Session, new_messages: list[Message], prompt_text: str, prompt_ids: list[int],
+                 params: SamplingParams, stream: TextStream, loop: asyncio.AbstractEventLoop) -> None:
+        self.session = session
+        self.new_messages = new_messages
+        self.prompt_text = prompt_text
+        self.prompt_ids = prompt_ids
+        """Tokens to feed: the session's pending tokens, then the turn delta."""
+        self.params = params
+        self.text = stream
+        self.events: asyncio.Queue[TokenEvent | TurnResult | GenerationError] = asyncio.Queue()
+        self.finished = asyncio.Event()
+        self.cancelled = False
+        """Set from the event loop; the worker stops at its next step."""
+        self.submitted_at = time.perf_counter()
+        self.generator: torch.Generator | None = None
+        self.n_fed = 0
+        self.output_ids: list[int] = []
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._loop = loop
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def emit(self, event: TokenEvent | TurnResult | GenerationError) -> None:
+        """Hand an event to the event loop (called by the worker)."""
+        self._call_on_loop(self.events.put_nowait, event)
+
+    def close(self) -> None:
+        """Release the session on the event loop once the worker has written the turn (called by the worker)."""
+        self._call_on_loop(self._release)
+
+    def _release(self) -> None:
+        if self.session.active is self:
+            self.session.active = None
+        self.finished.set()
+
+    def _call_on_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is shutting down and nobody listens
+            pass
+
+    async def __aiter__(self):
+        """Token events, then the TurnResult; raises GenerationError if the worker failed."""
+        while True:
+            event = await self.events.get()
+            if isinstance(event, GenerationError):
+                raise event
+            yield event
+            if isinstance(event, TurnResult):
+                return
+
+
+class Engine:
+    """Holds the model and the scheduler thread.
+
+    `_step_all` is the one place that runs the model over the running generations; continuous batching
+    replaces it with one batched forward per round without touching the HTTP layer.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics,
+                 preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.model, self.tokenizer = preloaded if preloaded else (None, None)
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: deque[Generation] = deque()
+        self._in_flight = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._eos_ids: list[int] = []
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="h2o-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def submit(self, session: Session, message: str, params: SamplingParams) -> Generation:
+        """Queue the next turn of `session` (event loop only). The turn is tokenized here so bad input fails
+        before any response starts; the session changes only when the worker finishes the turn."""
+        if not self.ready:
+            raise EngineNotReadyError(self.load_error or "the model is loading")
+        if session.active is not None:
+            raise SessionBusyError(f"session {session.id!r} is generating; wait for the reply or cancel it")
+        new_messages = [{"role": "user", "content": message}]
+        if not session.messages and session.system is not None:
+            new_messages.insert(0, {"role": "system", "content": session.system})
+        delta = turn_delta(self.tokenizer, session.messages + new_messages, session.fed_text)
+        ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=False).input_ids
+        stream = TextStream(self.tokenizer, params.stop)
+        generation = Generation(session, new_messages, delta, ids, params, stream, asyncio.get_running_loop())
+        with self._cond:
+            if self._in_flight >= self._settings.max_running + self._settings.max_waiting:
+                raise QueueFullError(f"{self._in_flight} generations are in flight; retry later")
+            self._in_flight += 1
+            self._waiting.append(generation)
+            self._metrics.requests_waiting.set(len(self._waiting))
+            self._cond.notify()
+        session.active = generation
+        return generation
+
+    def _load(self) -> None:
+        s = self._settings
+        logger.info("loading model %s", s.model)
+        self.model, self.tokenizer = load_model(s.model, device=s.device, dtype=s.dtype)
+
+    def _run(self) -> None:
+        try:
+            if self.model is None:
+                self._load()
+        except Exception as exc:  # reported by /ready and by every generate
+            logger.exception("model failed to load")
+            self.load_error = f"model failed to load: {exc}"
+            return
+        self._eos_ids = sorted(_eos_ids(self.model, self.tokenizer))
+        self._ready.set()
+        active: list[Generation] = []
+        while True:
+            with self._cond:
+                while not (self._stopping or active or self._waiting):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                while self._waiting and len(active) < self._settings.max_running:
+                    active.append(self._waiting.popleft())
+                self._metrics.requests_waiting.set(len(self._waiting))
+            self._metrics.requests_running.set(len(active))
+            active = self._step_all(active)
+            self._metrics.requests_running.set(len(active))
+        with self._cond:
+            active += self._waiting
+            self._waiting.clear()
+        for generation in active:
+            self._fail(generation, GenerationError("the server is shutting down"))
+
+    def _step_all(self, active: list[Generation]) -> list[Generation]:
+        """One scheduler round: advance each running generation by one step; return those still running."""
+        running = []
+        with torch.inference_mode():
+            for generation in active:
+                try:
+                    done = self._step(generation)
+                except Exception as exc:
+                    logger.exception("generation failed in session %s", generation.session.id)
+                    self._fail(generation, GenerationError(f"generation failed: {exc}"))
+                    done = True
+                if not done:
+                    running.append(generation)
+        return running
+
+    def _step(self, g: Generation) -> bool:
+        """Feed one prefill chunk or the last sampled token, maybe sample the next; True when finished."""
+        if g.cancelled:
+            return self._finish(g, "cancelled")
+        if g.n_fed < len(g.prompt_ids):
+            chunk = g.prompt_ids[g.n_fed : g.n_fed + self._settings.prefill_chunk]
+            logits = self._forward(g.session, chunk)
+            g.n_fed += len(chunk)
+            if g.n_fed < len(g.prompt_ids):
+                return False
+        else:
+            logits = self._forward(g.session, g.output_ids[-1:])
+        if g.generator is None:
+            g.generator = torch.Generator(device=logits.device)
+            if g.params.seed is None:
+                g.generator.seed()
+            else:
+                g.generator.manual_seed(g.params.seed)
+        suppress = self._eos_ids if len(g.output_ids) < g.params.min_new_tokens else []
+        token = sample(logits, g.params, g.generator, suppress)
+        g.last_token_at = time.perf_counter()
+        g.first_token_at = g.first_token_at or g.last_token_at
+        g.output_ids.append(token)
+        is_eos = token in self._eos_ids
+        text = "" if is_eos else g.text.push(token)
+        reason = None
+        if is_eos or g.text.stopped:
+            reason = "stop"
+        elif len(g.output_ids) >= g.params.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            text += g.text.flush()
+        if text or not is_eos:
+            g.emit(TokenEvent(text=text, token_id=token))
+        return reason is not None and self._finish(g, reason)
+
+    def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
+        """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""
+        if session.cache is None:
+            session.cache = make_cache(self.model, session.policy)
+        cache = session.cache
+        evicted_before = cache.evicted_tokens
+        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        evicted = cache.evicted_tokens - evicted_before
+        session.evicted_tokens += evicted
+        self._metrics.cache_evictions.inc(evicted)
+        session.cache_tokens_seen = cache.get_seq_length()
+        session.cache_tokens = cache.kept_tokens()
+        session.cache_bytes = cache.nbytes()
+        return out.logits[0, -1]
+
+    def _finish(self, g: Generation, reason: str) -> bool:
+        """Write the turn into the session (unless it was cancelled before anything was fed), report it, and
+        release the session. Returns True for `_step`'s convenience."""
+        s = g.session
+        started = g.n_fed > 0
+        if started:
+            ends_with_eos = reason == "stop" and g.output_ids[-1:] and g.output_ids[-1] in self._eos_ids
+            content_ids = g.output_ids[:-1] if ends_with_eos else g.output_ids
+            s.messages.extend([*g.new_messages, {"role": "assistant", "content": self._raw(content_ids)}])
+            s.fed_text += g.prompt_text + self._raw(g.output_ids)
+            s.pending_ids = g.prompt_ids[g.n_fed :] + g.output_ids[-1:]
+            s.turns += 1
+            s.updated_at = time.time()
+        ttft_s = (g.first_token_at - g.submitted_at) if g.first_token_at else 0.0
+        n_out = len(g.output_ids)
+        tpot_s = (g.last_token_at - g.first_token_at) / (n_out - 1) if n_out > 1 else 0.0
+        m = self._metrics
+        m.requests.labels(reason).inc()
+        m.prompt_tokens.inc(g.n_fed)
+        m.generation_tokens.inc(n_out)
+        if g.first_token_at:
+            m.ttft.observe(ttft_s)
+        if n_out > 1:
+            m.tpot.observe(tpot_s)
+        g.emit(TurnResult(
+            finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out),
+            cache_tokens=s.cache_tokens, cache_tokens_seen=s.cache_tokens_seen, cache_budget=s.policy.max_tokens,
+            ttft_s=ttft_s, tpot_s=tpot_s, text=g.text.output,
+        ))
+        self._release(g)
+        return True
+
+    def _fail(self, g: Generation, error: GenerationError) -> None:
+        """The turn is dropped; the cache may hold part of it, so it is rebuilt from the history next turn."""
+        if g.n_fed:
+            g.session.reset_cache()
+        self._metrics.requests.labels("error").inc()
+        g.emit(error)
+        self._release(g)
+
+    def _release(self, g: Generation) -> None:
+        with self._cond:
+            self._in_flight -= 1
+        g.close()
+
+    def _raw(self, ids: list[int]) -> str:
+        """Exact text of `ids`, special tokens included: what the chat template must reproduce."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """End-of-turn tokens: the tokenizer's EOS plus the generation config's (an int or a list)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+

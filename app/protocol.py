@@ -1,0 +1,100 @@
+"""Request and response bodies of the HTTP API (native and OpenAI-compatible), validated by pydantic."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class SamplingFields(BaseModel):
+    """Sampling parameters shared by the native and the OpenAI request; limits that depend on settings are
+    checked by the routes."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_new_tokens")
+    min_new_tokens: int = Field(0, ge=0, description="the end-of-turn token is suppressed until this many")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    system: str | None = Field(None, description="system prompt; only on a session's first turn")
+    stream: bool = True
+    policy: str | None = Field(None, description="cache policy, only when this request creates the session")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TurnResult(BaseModel):
+    """The `done` event of a stream, and (with `text`) the non-streaming response."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    cache_tokens: int = Field(description="tokens the session's cache holds after this turn")
+    cache_tokens_seen: int = Field(description="tokens the session has processed in all")
+    cache_budget: int | None = Field(description="most tokens the cache can hold (None: unbounded)")
+    ttft_s: float
+    tpot_s: float
+    text: str | None = None
+
+
+class TokenEvent(BaseModel):
+    text: str
+    token_id: int
+
+
+class SessionInfo(BaseModel):
+    id: str
+    policy: str
+    turns: int
+    cache_tokens: int
+    cache_tokens_seen: int
+    cache_budget: int | None
+    evicted_tokens: int
+    cache_bytes: int
+    busy: bool
+    created_at: float
+    updated_at: float
+
+
+class SessionDetail(SessionInfo):
+    messages: list[dict[str, str]]
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    """OpenAI's chat request. The server keeps each session's history, so only the last user message (and a
+    first-turn system message) is used; earlier messages the client resends are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = "h2o-serve"
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    user: str | None = None

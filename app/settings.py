@@ -1,0 +1,50 @@
+"""Server configuration, read from `H2O_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; defaults serve SmolLM2-135M-Instruct on CPU (CUDA when present)."""
+
+    model_config = SettingsConfigDict(env_prefix="H2O_", extra="ignore")
+
+    model: str = Field("smollm2", description="'smollm2' (bundled GGUF) or an HF id / local path")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda when available")
+    dtype: str | None = Field(None, description="float32, float16, bfloat16; default: fp32 on CPU, fp16 on CUDA")
+
+    policy: str = Field("h2o_8_248_512", description="cache policy of sessions that do not pick one")
+    policy_slack: int = Field(64, ge=0, description="tokens a cache may overshoot its capacity before eviction")
+    max_policy_tokens: int = Field(8192, ge=1, description="largest capacity + slack a session may ask for")
+    allow_full_policy: bool = Field(False, description="allow the unbounded 'full' policy")
+
+    max_message_chars: int = Field(32_000, ge=1, description="longer messages get 413")
+    max_new_tokens: int = Field(2048, ge=1, description="upper limit of a request's max_new_tokens")
+    default_max_new_tokens: int = Field(256, ge=1)
+    max_running: int = Field(8, ge=1, description="generations advanced together, round-robin")
+    max_waiting: int = Field(64, ge=0, description="queued generations beyond max_running; more get 429")
+    max_sessions: int = Field(1024, ge=1, description="live sessions; creating more gets 429")
+    session_ttl_s: float = Field(3600.0, ge=0, description="idle sessions older than this are dropped (0: never)")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens per scheduler step, so prefill interleaves")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
+    sse_ping_s: float = Field(15.0, gt=0, description="keep-alive comment interval on event streams")
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated; when set, every API route needs one of them"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    replica_name: str = Field(default_factory=socket.gethostname, description="sent as X-H2O-Replica")
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

@@ -1,0 +1,228 @@
+"""The native API over real HTTP: multi-turn caching, SSE, errors, concurrency, disconnects, back-pressure."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.app.conftest import SMALL_SLACK, generate, run_server, sse_events, wait_for_metric
+from app.main import create_app
+from app.settings import Settings
+
+GREEDY = {"temperature": 0, "max_new_tokens": 6}
+
+
+def test_multi_turn_feeds_only_the_delta_and_the_cache_stays_within_its_budget(server):
+    policy, capacity = "h2o_4_16_64", 64
+    with server.client() as client:
+        turns = [generate(client, "multi", f"turn {i}", policy=policy, **GREEDY)[1] for i in range(6)]
+        session = client.get("/sessions/multi").json()
+    fed = [t["usage"]["prompt_tokens"] + t["usage"]["completion_tokens"] for t in turns]
+    # Every sampled token but the last of a turn is fed during the turn; the last opens the next turn's prompt
+    # (so it counts in one turn's completion and the next one's prompt).
+    assert [t["cache_tokens_seen"] for t in turns] == [sum(fed[: i + 1]) - (i + 1) for i in range(len(fed))]
+    later_prompts = {t["usage"]["prompt_tokens"] for t in turns[1:]}
+    assert len(later_prompts) == 1 and later_prompts.pop() < turns[0]["usage"]["prompt_tokens"]
+    kept = [t["cache_tokens"] for t in turns]
+    assert kept[0] == turns[0]["cache_tokens_seen"] < kept[1]  # grows while under budget
+    assert turns[-1]["cache_tokens_seen"] > capacity + SMALL_SLACK
+    assert all(k <= capacity + SMALL_SLACK for k in kept) and kept[-1] >= capacity
+    assert session["policy"] == policy and session["cache_budget"] == capacity + SMALL_SLACK
+    assert session["turns"] == 6 and len(session["messages"]) == 12
+    assert session["evicted_tokens"] == session["cache_tokens_seen"] - session["cache_tokens"] > 0
+    assert session["cache_bytes"] > 0 and not session["busy"]
+
+
+def test_sse_tokens_match_the_non_streaming_reply(server, tokenizer):
+    body = {"message": "Say something", "max_new_tokens": 10, "temperature": 0.9, "seed": 1234}
+    with server.client() as client:
+        tokens, done = generate(client, "sse-a", **body)
+        response = client.post("/sessions/sse-b/generate", json={**body, "stream": False})
+    assert response.status_code == 200
+    whole = response.json()
+    text = "".join(t["text"] for t in tokens)
+    assert text == whole["text"] == tokenizer.decode([t["token_id"] for t in tokens], skip_special_tokens=True)
+    assert len(tokens) == done["usage"]["completion_tokens"] - (done["finish_reason"] == "stop")
+    assert {k: v for k, v in whole.items() if k not in ("text", "ttft_s", "tpot_s")} == \
+        {k: v for k, v in done.items() if k not in ("ttft_s", "tpot_s")}
+    assert done["ttft_s"] > 0 and done["tpot_s"] > 0
+
+
+def test_sse_sends_keep_alive_pings(serve):
+    server = serve(sse_ping_s=0.05)
+    with server.client() as client, client.stream(
+        "POST", "/sessions/ping/generate", json={"message": "hi", "max_new_tokens": 12}
+    ) as response:
+        lines = list(response.iter_lines())
+    assert any(line.startswith(":") for line in lines)
+    assert "event: done" in lines
+
+
+def test_a_second_generate_on_a_busy_session_gets_409_and_the_first_completes(server):
+    with server.client() as first, server.client() as second:
+        with first.stream("POST", "/sessions/busy/generate", json={"message": "long", "max_new_tokens": 30}) as r:
+            events = sse_events(r)
+            assert next(events)[0] == "token"
+            started = time.monotonic()
+            conflict = second.post("/sessions/busy/generate", json={"message": "again"})
+            assert time.monotonic() - started < 2
+            rest = list(events)
+        session = second.get("/sessions/busy").json()
+    assert conflict.status_code == 409
+    assert "generating" in conflict.json()["error"]["message"]
+    assert rest[-1][0] == "done" and rest[-1][1]["finish_reason"] == "length"
+    assert session["turns"] == 1 and len(session["messages"]) == 2
+
+
+def test_disconnect_mid_stream_keeps_the_partial_reply_and_the_next_turn_works(server):
+    with server.client() as client:
+        # Reference: a turn that ran to its length limit, then a second turn.
+        first = generate(client, "ref", "hello", max_new_tokens=20)[1]
+        reference = generate(client, "ref", "again", **GREEDY)[1]
+        with client.stream("POST", "/sessions/gone/generate", json={"message": "hello", "max_new_tokens": 200}) as r:
+            events = sse_events(r)
+            received = [next(events) for _ in range(3)]
+        assert all(event == "token" for event, _ in received)
+        deadline = time.monotonic() + 5
+        while client.get("/sessions/gone").json()["busy"]:
+            assert time.monotonic() < deadline, "the cancelled generation kept running"
+            time.sleep(0.02)
+        cut = client.get("/sessions/gone").json()
+        _, after = generate(client, "gone", "again", **GREEDY)
+        session = client.get("/sessions/gone").json()
+    # At least the 3 tokens received were sampled; all but the last were fed.
+    assert cut["turns"] == 1 and 2 <= cut["cache_tokens_seen"] - first["usage"]["prompt_tokens"] < 199
+    assert session["turns"] == 2 and session["messages"][2] == {"role": "user", "content": "again"}
+    # Same delta as after a complete (length-limited) reply: the pending token plus the closed turn, no re-prefill.
+    assert after["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+    assert after["cache_tokens_seen"] == cut["cache_tokens_seen"] + after["usage"]["prompt_tokens"] + 5
+
+
+def test_a_full_queue_answers_429_with_retry_after(serve):
+    server = serve(max_running=1, max_waiting=1, retry_after_s=3)
+    body = {"message": "hi", "max_new_tokens": 40, "stream": False}
+    with server.client() as client, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/sessions/q1/generate", json=body)
+        wait_for_metric(client, "h2o_requests_running", 1)
+        waiting = pool.submit(client.post, "/sessions/q2/generate", json=body)
+        wait_for_metric(client, "h2o_requests_waiting", 1)
+        rejected = client.post("/sessions/q3/generate", json=body)
+        assert client.get("/sessions/q3").status_code == 404  # the rejected turn created nothing
+        assert running.result().status_code == waiting.result().status_code == 200
+    assert rejected.status_code == 429
+    assert rejected.headers["retry-after"] == "3"
+    assert rejected.json()["error"]["type"] == "queue_full"
+
+
+BAD_BODIES = [
+    ({"message": ""}, 422),
+    ({"message": "x" * 32_001}, 413),
+    ({"message": "hi", "temperature": -0.1}, 422),
+    ({"message": "hi", "temperature": 2.5}, 422),
+    ({"message": "hi", "top_p": 0}, 422),
+    ({"message": "hi", "top_k": -1}, 422),
+    ({"message": "hi", "max_new_tokens": 0}, 422),
+    ({"message": "hi", "max_new_tokens": 100_000}, 422),
+    ({"message": "hi", "max_new_tokens": 5, "min_new_tokens": 6}, 422),
+    ({"message": "hi", "stop": [""]}, 422),
+    ({"message": "hi", "policy": "lru_8"}, 422),
+    ({"message": "hi", "policy": "h2o_8_64_100000"}, 422),
+    ({"message": "hi", "policy": "full"}, 422),
+    ({"message": "hi", "unknown": 1}, 422),
+    ({"text": "hi"}, 422),
+]
+
+
+@pytest.mark.parametrize(("body", "status"), BAD_BODIES)
+def test_bad_input_gets_a_json_error_and_creates_nothing(server, body, status):
+    with server.client() as client:
+        response = client.post("/sessions/bad-input/generate", json=body)
+        assert client.get("/sessions/bad-input").status_code == 404
+    assert response.status_code == status
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("session_id", ["has space", "x" * 129, "semi;colon", "ünïcode"])
+def test_invalid_session_ids_are_rejected(server, session_id):
+    with server.client() as client:
+        response = client.post(f"/sessions/{session_id}/generate", json={"message": "hi"})
+    assert response.status_code == 422
+    assert "session_id" in response.json()["error"]["message"]
+
+
+def test_policy_and_system_are_fixed_at_creation(server):
+    with server.client() as client:
+        generate(client, "fixed", "hi", system="You are terse.", policy="streaming_4_60", **GREEDY)
+        same = client.post("/sessions/fixed/generate", json={"message": "ok", "system": "You are terse.",
+                                                              "policy": "streaming_4_60", "stream": False, **GREEDY})
+        before = client.get("/sessions/fixed").json()
+        new_policy = client.post("/sessions/fixed/generate", json={"message": "x", "policy": "h2o_4_16_64"})
+        new_system = client.post("/sessions/fixed/generate", json={"message": "x", "system": "Be verbose."})
+        after = client.get("/sessions/fixed").json()
+    assert same.status_code == 200
+    assert before["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert (new_policy.status_code, new_system.status_code) == (422, 422)
+    assert "policy" in new_policy.json()["error"]["message"]
+    assert "system prompt" in new_system.json()["error"]["message"]
+    assert after == before
+
+
+def test_list_get_delete_and_404(server):
+    with server.client() as client:
+        generate(client, "listed", "hi", **GREEDY)
+        assert "listed" in [s["id"] for s in client.get("/sessions").json()["sessions"]]
+        assert client.delete("/sessions/listed").status_code == 204
+        assert "listed" not in [s["id"] for s in client.get("/sessions").json()["sessions"]]
+        for method in ("GET", "DELETE"):
+            missing = client.request(method, "/sessions/listed")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["type"] == "session_not_found"
+
+
+def test_api_keys_guard_the_api_but_not_health_or_metrics(serve):
+    server = serve(api_keys="key-one, key-two")
+    with server.client() as client:
+        assert client.get("/sessions").status_code == 401
+        wrong = client.post("/sessions/k/generate", json={"message": "hi"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+        assert client.get("/sessions/k", headers={"X-API-Key": "key-one"}).status_code == 404  # nothing created
+        ok = client.post("/sessions/k/generate", json={"message": "hi", "stream": False, **GREEDY},
+                         headers={"Authorization": "Bearer key-two"})
+        assert ok.status_code == 200
+        assert client.get("/sessions", headers={"X-API-Key": "key-one"}).status_code == 200
+        assert client.get("/health").status_code == client.get("/metrics").status_code == 200
+
+
+def test_health_ready_and_the_replica_header(server):
+    with server.client() as client:
+        health, ready = client.get("/health"), client.get("/ready")
+        _, done = generate(client, "replica", "hi", **GREEDY)
+        with client.stream("POST", "/sessions/replica/generate", json={"message": "x", **GREEDY}) as streamed:
+            streamed.read()
+    assert health.json() == {"status": "ok"} and ready.status_code == 200
+    assert {health.headers["x-h2o-replica"], ready.headers["x-h2o-replica"],
+            streamed.headers["x-h2o-replica"]} == {"test-replica"}
+
+
+def test_a_model_that_fails_to_load_is_reported_not_ready(tmp_path):
+    app = create_app(Settings(model=str(tmp_path / "missing-model")))
+    gen = run_server(app)
+    server = next(gen)
+    try:
+        with server.client() as client:
+            deadline = time.monotonic() + 30
+            while (ready := client.get("/ready")).json()["status"] == "loading":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            generating = client.post("/sessions/s/generate", json={"message": "hi"})
+    finally:
+        gen.close()
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"
+    assert generating.status_code == 503 and "failed to load" in generating.json()["error"]["message"]
+    assert isinstance(generating.headers.get("retry-after"), str)
+
+
+def test_httpx_sees_json_errors_for_unknown_routes(server):
+    response = httpx.get(server.url + "/nope")
+    assert response.status_code == 404 and response.json()["error"]["code"] == 404
