@@ -1,4 +1,4 @@
-"""A small Dockerfile and .dockerignore reader for the deploy checks (no Docker engine runs in CI).
+"""A small Dockerfile and .dockerignore reader for the deploy checks and the dry run (no Docker engine here).
 
 Handles what our Dockerfile uses: comments, line continuations, ``FROM ... AS name``, ``ARG``, ``ENV k=v ...``,
 ``COPY [--from=stage] src... dst``, exec-form ``HEALTHCHECK ... CMD [...]``, ``VOLUME [...]``, ``EXPOSE`` and ``USER``.

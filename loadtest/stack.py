@@ -37,13 +37,13 @@ def log_tail(path: Path, n_chars: int = 3000) -> str:
 
 
 @contextmanager
-def process(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None,
+def process(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path = REPO,
             stop_timeout_s: float = 10.0) -> Iterator[subprocess.Popen]:
     """Run `cmd` with stdout+stderr to `log_path`; stop its whole process group on exit."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else None,
-                                cwd=REPO, start_new_session=True)
+                                cwd=cwd, start_new_session=True)
     try:
         yield proc
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops.dockerfile import copy_sources, dockerignore_includes, exec_form, read_dockerignore, stages
+from deploy.dockerfile import copy_sources, dockerignore_includes, exec_form, read_dockerignore, stages
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
