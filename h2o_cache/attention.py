@@ -46,16 +46,13 @@ def h2o_forward() -> Iterator[None]:
 
 
 def h2o_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Inside an H2O forward: ``(batch, q_len)`` bool validity of the new tokens (None when none is padding); the
-    layer knows its own slots. Elsewhere: transformers' SDPA mask."""
-    if not getattr(_state, "in_forward", False):
-        return sdpa_mask(
-            batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs
-        )
-    if attention_mask is None:
+    """Inside an H2O forward: no mask, since each layer builds its own from its slots (padding, causality among
+    the new tokens). Elsewhere: transformers' SDPA mask."""
+    if getattr(_state, "in_forward", False):
         return None
-    new_valid = attention_mask[:, -q_length:].to(torch.bool)
-    return None if bool(new_valid.all()) else new_valid
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs
+    )
 
 
 def h2o_attention_forward(
@@ -74,9 +71,9 @@ def h2o_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None:
         raise ValueError("an H2O cache builds its own masks; pass a 2D padding attention_mask, not a 4D mask")
-    return layer.attend(query, attention_mask, scaling), None
+    return layer.attend(query, scaling), None
 
 
 def register() -> None:

@@ -1,8 +1,9 @@
 """Bounded KV cache storage: one :class:`H2OLayer` per model layer inside an :class:`H2OCache`.
 
 Each layer preallocates ``capacity + max(slack, chunk)`` slots and writes new tokens in place. Next to the keys and
-values it keeps, per (batch row, KV head, slot): the absolute token index, a validity flag (padding), the
-accumulated attention and, in ``mean`` mode, how many queries saw the slot. When the layer grows past
+values it keeps, per (batch row, KV head, slot): the token's original position (its rank among the row's valid
+tokens), a validity flag (padding) and the accumulated attention. In ``mean`` mode the number of queries that saw a
+slot is derived, not stored: every valid query after a token sees it, so it is ``valid tokens seen - position``. When the layer grows past
 ``capacity + slack`` it is cut back to ``capacity`` in one gather; with position rolling the surviving keys are
 re-rotated so that a slot's position is its rank among the row's valid slots.
 """
@@ -18,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from h2o_cache import attention
 from h2o_cache.policy import CachePolicy
 from h2o_cache.rope import RotaryDelta
-from h2o_cache.scoring import heavy_hitter_score, observation_counts, pool_group_attention, select_kept
+from h2o_cache.scoring import heavy_hitter_score, pool_group_attention, select_kept
 
 # Score queries in blocks so that a block's probabilities stay under this many fp32 elements (~64 MB).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -40,6 +41,8 @@ class H2OLayer(CacheLayerMixin):
         self.seen = 0
         self.evicted = 0
         self.has_padding = False
+        self.new_valid: torch.Tensor | None = None  # (batch, q_len) validity of the tokens of the current forward
+        self._valid_seen: torch.Tensor | None = None  # (batch,) valid tokens appended so far
         self._slots: dict[str, torch.Tensor] = {}
 
     # -- storage -------------------------------------------------------------------------------------------------
@@ -58,13 +61,13 @@ class H2OLayer(CacheLayerMixin):
         new = {
             "keys": torch.zeros(b, h, n_slots, key_states.shape[-1], dtype=self.dtype, **kw),
             "values": torch.zeros(b, h, n_slots, value_states.shape[-1], dtype=value_states.dtype, **kw),
-            "token_idx": torch.zeros(b, h, n_slots, dtype=torch.int64, **kw),
+            "position": torch.zeros(b, h, n_slots, dtype=torch.int64, **kw),
             "valid": torch.ones(b, h, n_slots, dtype=torch.bool, **kw),
         }
         if self.policy.needs_scores:
             new["scores"] = torch.zeros(b, h, n_slots, dtype=torch.float32, **kw)
-            if self.policy.score_mode == "mean":
-                new["obs"] = torch.zeros(b, h, n_slots, dtype=torch.float32, **kw)
+        if self._valid_seen is None:
+            self._valid_seen = torch.zeros(b, dtype=torch.int64, **kw)
         for name, old in self._slots.items():
             new[name][:, :, : self.length] = old[:, :, : self.length]
         self._slots = new
@@ -75,7 +78,7 @@ class H2OLayer(CacheLayerMixin):
         self.values = self._slots["values"][:, :, : self.length]
 
     def slot(self, name: str) -> torch.Tensor:
-        """The in-use part of a per-slot tensor: ``keys``, ``values``, ``token_idx``, ``valid``, ``scores``, ``obs``."""
+        """The in-use part of a per-slot tensor: ``keys``, ``values``, ``position`` (original), ``valid``, ``scores``."""
         return self._slots[name][:, :, : self.length]
 
     @property
@@ -99,11 +102,19 @@ class H2OLayer(CacheLayerMixin):
         s = self._slots
         s["keys"][:, :, start:end] = key_states
         s["values"][:, :, start:end] = value_states
-        s["token_idx"][:, :, start:end] = torch.arange(self.seen, self.seen + q, device=self.device)
-        s["valid"][:, :, start:end] = True
-        for name in ("scores", "obs"):
-            if name in s:
-                s[name][:, :, start:end] = 0
+        new_valid = self.new_valid
+        if new_valid is None:
+            positions = self._valid_seen[:, None] + torch.arange(q, device=self.device)
+            self._valid_seen += q
+        else:
+            positions = self._valid_seen[:, None] + new_valid.long().cumsum(-1) - 1
+            self._valid_seen += new_valid.sum(-1)
+            self.has_padding = True
+        s["position"][:, :, start:end] = positions[:, None, :]
+        if self.has_padding:
+            s["valid"][:, :, start:end] = True if new_valid is None else new_valid[:, None, :]
+        if "scores" in s:
+            s["scores"][:, :, start:end] = 0
         self.length, self.seen = end, self.seen + q
         self._refresh_views()
         attention.set_active_layer(self)
@@ -125,16 +136,12 @@ class H2OLayer(CacheLayerMixin):
         valid = self.slot("valid")[:, :, None, :]
         return (valid & allowed) | (cols == rows + (n - q))
 
-    def attend(self, query: torch.Tensor, new_valid: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Attention of ``query`` ``(batch, heads, q_len, head_dim)`` over the slots in use; accumulates scores and
         evicts when over budget. Returns ``(batch, q_len, heads, head_dim)`` like transformers' SDPA path."""
-        b, hq, q, d = query.shape
-        hk = self.keys.shape[1]
-        group = hq // hk
+        q, d = query.shape[2], query.shape[3]
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
-        if new_valid is not None:
-            self._slots["valid"][:, :, self.length - q : self.length] = new_valid[:, None, :]
-            self.has_padding = True
+        new_valid = self.new_valid if self.has_padding else None
         mask = self._mask(q)
         if self.policy.needs_scores and q == 1:
             out = self._decode_with_scores(query, mask, scale, new_valid)
@@ -142,9 +149,6 @@ class H2OLayer(CacheLayerMixin):
             out = self._sdpa(query, mask, scale)
             if self.policy.needs_scores:
                 self._score_prefill(query, mask, scale, new_valid)
-        if self.policy.needs_scores and "obs" in self._slots:
-            qvalid = new_valid if new_valid is not None else torch.ones(b, q, dtype=torch.bool, device=self.device)
-            self.slot("obs").add_(observation_counts(self.length, qvalid)[:, None, :])
         if self.policy.capacity is not None and self.length > self.policy.capacity + self.policy.slack:
             self.evict(self.policy.capacity)
         return out.transpose(1, 2).contiguous()
@@ -206,7 +210,10 @@ class H2OLayer(CacheLayerMixin):
         valid = self.slot("valid")
         score = None
         if self.policy.needs_scores:
-            score = heavy_hitter_score(self.slot("scores"), self.slot("obs") if "obs" in self._slots else None)
+            observers = None
+            if self.policy.score_mode == "mean":
+                observers = (self._valid_seen[:, None, None] - self.slot("position")).float()
+            score = heavy_hitter_score(self.slot("scores"), observers)
         keep = select_kept(self.policy, valid, score, n_keep)
         kept = {}
         for name, tensor in self._slots.items():
@@ -229,6 +236,11 @@ class H2OLayer(CacheLayerMixin):
             return torch.full((self._slots["keys"].shape[0],), self.length, device=self.device)
         return self.slot("valid")[:, 0].sum(-1)
 
+    def begin_forward(self, new_valid: torch.Tensor | None, q: int) -> None:
+        """Before a forward of ``q`` tokens with padding flags ``new_valid``: make room, remember the flags."""
+        self.make_room(q)
+        self.new_valid = new_valid
+
     # -- transformers Cache contract -----------------------------------------------------------------------------
 
     def get_seq_length(self) -> int:
@@ -244,6 +256,7 @@ class H2OLayer(CacheLayerMixin):
     def _apply_batch(self, fn) -> None:
         if self.is_initialized:
             self._slots = {name: fn(t) for name, t in self._slots.items()}
+            self._valid_seen = fn(self._valid_seen)
             self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -260,6 +273,7 @@ class H2OLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.length = self.seen = self.evicted = 0
         self.has_padding = False
+        self.new_valid = self._valid_seen = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -288,9 +302,12 @@ class H2OCache(Cache):
         """Bytes allocated by every layer's per-slot tensors (keys, values, scores, bookkeeping)."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    def make_room(self, q: int) -> None:
+    def begin_forward(self, new_valid: torch.Tensor | None, q: int) -> None:
+        """Called before each forward of ``q`` tokens (``new_valid``: ``(batch, q)`` padding flags or None)."""
+        if new_valid is not None and bool(new_valid.all()):
+            new_valid = None  # one check per forward, not one per layer
         for layer in self.layers:
-            layer.make_room(q)
+            layer.begin_forward(new_valid, q)
 
     def next_positions(self, new_valid: torch.Tensor | None, q: int, device: torch.device) -> torch.Tensor:
         """Rolled positions ``(batch, q)`` for ``q`` new tokens: a token's position is the count of valid kept

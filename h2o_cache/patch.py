@@ -145,7 +145,7 @@ def _step(original, cache: H2OCache, kwargs: dict[str, Any]):
     q = inputs.shape[1]
     mask = kwargs.get("attention_mask")
     new_valid = mask[:, -q:].to(torch.bool) if mask is not None and mask.dim() == 2 else None
-    cache.make_room(q)
+    cache.begin_forward(new_valid, q)
     if cache.policy.rolling:
         kwargs["position_ids"] = cache.next_positions(new_valid, q, inputs.device)
     with attention.h2o_forward():

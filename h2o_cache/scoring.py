@@ -29,23 +29,6 @@ def pool_group_attention(probs: torch.Tensor, query_valid: torch.Tensor | None) 
     return probs.sum(dim=(2, 3))
 
 
-def observation_counts(kv_len: int, query_valid: torch.Tensor) -> torch.Tensor:
-    """How many valid queries of this forward could see each slot (causal: new slot ``t`` is seen by queries ``>= t``).
-
-    Args:
-        kv_len: slots after the append (the last ``q_len`` are the new tokens).
-        query_valid: ``(batch, q_len)`` bool.
-
-    Returns:
-        ``(batch, kv_len)`` fp32 counts.
-    """
-    valid = query_valid.to(torch.float32)
-    q_len = valid.shape[-1]
-    seen_by_later = valid.flip(-1).cumsum(-1).flip(-1)
-    old = valid.sum(-1, keepdim=True).expand(-1, kv_len - q_len)
-    return torch.cat((old, seen_by_later), dim=-1)
-
-
 def heavy_hitter_score(acc: torch.Tensor, obs: torch.Tensor | None) -> torch.Tensor:
     """``sum`` mode ranks by accumulated attention; ``mean`` (``obs`` given) by attention per observing query."""
     return acc if obs is None else acc / obs.clamp(min=1.0)

@@ -1,0 +1,40 @@
+"""Policy names round-trip and bad configurations say what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from h2o_cache import CachePolicy
+
+
+@pytest.mark.parametrize("name", ["full", "streaming_8_256", "h2o_8_32_256", "h2o_4_16_128"])
+def test_name_round_trips(name):
+    policy = CachePolicy.parse(name)
+    assert policy.name == name
+    assert CachePolicy.parse(policy.name) == policy
+
+
+def test_baseline_is_full_and_sizes_derive():
+    assert CachePolicy.parse("baseline") == CachePolicy.parse("full")
+    h2o = CachePolicy.parse("h2o_8_32_256", slack=16)
+    assert (h2o.n_sink, h2o.n_recent, h2o.capacity, h2o.n_heavy, h2o.max_tokens) == (8, 32, 256, 216, 272)
+    streaming = CachePolicy.parse("streaming_8_256")
+    assert (streaming.n_recent, streaming.n_heavy, streaming.needs_scores) == (248, 0, False)
+
+
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("h2o_8_32_40", {}, "must exceed sink \\+ recent"),
+        ("h2o_8_32_20", {}, "must exceed sink \\+ recent"),
+        ("streaming_8_8", {}, "must exceed the sink count"),
+        ("h2o_-1_2_3", {}, "unknown cache policy"),
+        ("lru_8", {}, "unknown cache policy"),
+        ("h2o_8_32_256", {"slack": -1}, "slack must be >= 0"),
+        ("h2o_8_32_256", {"chunk_size": 0}, "chunk_size must be >= 1"),
+        ("h2o_8_32_256", {"score_mode": "max"}, "unknown score_mode"),
+    ],
+)
+def test_bad_configurations_raise_value_error(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        CachePolicy.parse(name, **options)

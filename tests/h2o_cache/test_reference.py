@@ -1,0 +1,46 @@
+"""With eviction, the cache keeps the same tokens and gives the same logits as the plain reference of each policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from h2o_cache import CachePolicy, make_cache
+
+from .models import VOCAB, tiny_model
+from .reference import ReferencePolicy
+
+CASES = [
+    ("streaming_4_24", dict(slack=0)),
+    ("streaming_4_24", dict(slack=6)),
+    ("h2o_4_6_24", dict(score_mode="sum", slack=0)),
+    ("h2o_4_6_24", dict(score_mode="mean", slack=0)),
+    ("h2o_2_6_20", dict(score_mode="mean", slack=5)),
+    ("h2o_2_6_20", dict(score_mode="sum", slack=5)),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("rolling", [True, False])
+@pytest.mark.parametrize("name,options", CASES)
+def test_matches_naive_reference(family, rolling, name, options):
+    model = tiny_model(family, dtype=torch.float64)
+    policy = CachePolicy.parse(name, rolling=rolling, chunk_size=8, **options)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, VOCAB, (1, 30))  # 4 chunks of 8: eviction inside the prefill too
+    steps = torch.randint(0, VOCAB, (1, 25))
+    reference = ReferencePolicy(model, policy)
+    cache = make_cache(model, policy)
+    with torch.no_grad():
+        want = [reference.forward(prompt)[:, -1]]
+        got = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for i in range(steps.shape[1]):
+            want.append(reference.forward(steps[:, i : i + 1])[:, -1])
+            got.append(model(steps[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            for layer_idx, layer in enumerate(cache.layers):
+                kept = layer.slot("position")[0]
+                for head in range(kept.shape[0]):
+                    assert kept[head].tolist() == reference.kept(layer_idx, head), (i, layer_idx, head)
+    assert cache.evicted_tokens > 0
+    # fp64 model, but transformers computes RoPE angles in fp32: agreement to ~1e-8, not 1e-15.
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-6, atol=1e-7)
