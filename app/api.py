@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path as PathParam, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from h2o_cache import CachePolicy
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -111,12 +111,12 @@ def health() -> dict[str, str]:
 
 
 @public.get("/ready")
-def ready(state: State) -> Response:
+def ready(state: State) -> JSONResponse:
+    """200 once the model is loaded; 503 while it loads (or if loading failed)."""
     if state.engine.ready:
-        return Response(json.dumps({"status": "ready", "model": state.settings.model}), media_type="application/json")
+        return JSONResponse({"status": "ready", "model": state.settings.model})
     body = {"status": "failed" if state.engine.load_error else "loading", "detail": state.engine.load_error}
-    return Response(json.dumps(body), status_code=503, media_type="application/json",
-                    headers={"Retry-After": str(state.settings.retry_after_s)})
+    return JSONResponse(body, 503, headers={"Retry-After": str(state.settings.retry_after_s)})
 
 
 @public.get("/metrics")

@@ -76,10 +76,10 @@ def serve(tiny_model) -> Iterator[Callable[..., Server]]:
     """Start a server on the tiny model with settings overrides; stopped at the end of the test."""
     running = []
 
-    def start(**overrides) -> Server:
+    def start(preloaded=None, **overrides) -> Server:
         settings = Settings(**{"policy": SMALL_POLICY, "policy_slack": SMALL_SLACK, "replica_name": "test-replica",
                                **overrides})
-        gen = run_server(create_app(settings, preloaded=tiny_model))
+        gen = run_server(create_app(settings, preloaded=preloaded or tiny_model))
         running.append(gen)
         return next(gen)
 
