@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Path as PathParam, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
-from h2o_cache import CachePolicy
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -43,6 +43,7 @@ from app.protocol import (
 )
 from app.sessions import Session, SessionLimitError, SessionStore
 from app.settings import Settings
+from h2o_cache import CachePolicy
 
 STATIC_DIR = Path(__file__).parent / "static"
 CANCEL_GRACE_S = 5.0
@@ -253,15 +254,15 @@ def _retry_later(state: ServerState, status: int, message: str, type_: str) -> A
 
 async def _collect(generation: Generation) -> TurnResult:
     """Run a turn to its end for a non-streaming response."""
+    last = None
     try:
-        async for event in generation:
-            if isinstance(event, TurnResult):
-                return event
+        async for event in generation:  # token events, then the TurnResult
+            last = event
     except GenerationError as exc:
         raise ApiError(500, str(exc), "generation_error") from exc
     finally:
         generation.cancel()  # no-op once finished; stops the worker if this handler was cancelled
-    raise AssertionError("a generation always ends with a TurnResult or a GenerationError")
+    return last
 
 
 async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:

@@ -12,7 +12,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from h2o_cache import load_model, make_cache
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.chat import Message, turn_delta
@@ -21,6 +20,7 @@ from app.protocol import TokenEvent, TurnResult, Usage
 from app.sessions import Session
 from app.settings import Settings
 from app.textstream import TextStream
+from h2o_cache import load_model, make_cache
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +78,14 @@ class Generation:
     (TokenEvent..., then TurnResult or GenerationError) arrive on `events`."""
 
     def __init__(self, session: Session, new_messages: list[Message], prompt_text: str, prompt_ids: list[int],
-                 params: SamplingParams, stream: TextStream, loop: asyncio.AbstractEventLoop) -> None:
+                 params: SamplingParams, decoder: TextStream, loop: asyncio.AbstractEventLoop) -> None:
         self.session = session
         self.new_messages = new_messages
         self.prompt_text = prompt_text
         self.prompt_ids = prompt_ids
         """Tokens to feed: the session's pending tokens, then the turn delta."""
         self.params = params
-        self.text = stream
+        self.decoder = decoder
         self.events: asyncio.Queue[TokenEvent | TurnResult | GenerationError] = asyncio.Queue()
         self.finished = asyncio.Event()
         self.cancelled = False
@@ -179,8 +179,8 @@ class Engine:
             new_messages.insert(0, {"role": "system", "content": session.system})
         delta = turn_delta(self.tokenizer, session.messages + new_messages, session.fed_text)
         ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=False).input_ids
-        stream = TextStream(self.tokenizer, params.stop)
-        generation = Generation(session, new_messages, delta, ids, params, stream, asyncio.get_running_loop())
+        decoder = TextStream(self.tokenizer, params.stop)
+        generation = Generation(session, new_messages, delta, ids, params, decoder, asyncio.get_running_loop())
         with self._cond:
             if self._in_flight >= self._settings.max_running + self._settings.max_waiting:
                 raise QueueFullError(f"{self._in_flight} generations are in flight; retry later")
@@ -243,7 +243,8 @@ class Engine:
     def _step(self, g: Generation) -> bool:
         """Feed one prefill chunk or the last sampled token, maybe sample the next; True when finished."""
         if g.cancelled:
-            return self._finish(g, "cancelled")
+            self._finish(g, "cancelled")
+            return True
         if g.n_fed < len(g.prompt_ids):
             chunk = g.prompt_ids[g.n_fed : g.n_fed + self._settings.prefill_chunk]
             logits = self._forward(g.session, chunk)
@@ -264,17 +265,20 @@ class Engine:
         g.first_token_at = g.first_token_at or g.last_token_at
         g.output_ids.append(token)
         is_eos = token in self._eos_ids
-        text = "" if is_eos else g.text.push(token)
+        text = "" if is_eos else g.decoder.push(token)
         reason = None
-        if is_eos or g.text.stopped:
+        if is_eos or g.decoder.stopped:
             reason = "stop"
         elif len(g.output_ids) >= g.params.max_new_tokens:
             reason = "length"
         if reason is not None:
-            text += g.text.flush()
+            text += g.decoder.flush()
         if text or not is_eos:
             g.emit(TokenEvent(text=text, token_id=token))
-        return reason is not None and self._finish(g, reason)
+        if reason is None:
+            return False
+        self._finish(g, reason)
+        return True
 
     def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""
@@ -292,9 +296,9 @@ class Engine:
         session.cache_bytes = cache.nbytes()
         return out.logits[0, -1]
 
-    def _finish(self, g: Generation, reason: str) -> bool:
+    def _finish(self, g: Generation, reason: str) -> None:
         """Write the turn into the session (unless it was cancelled before anything was fed), report it, and
-        release the session. Returns True for `_step`'s convenience."""
+        release the session."""
         s = g.session
         started = g.n_fed > 0
         if started:
@@ -319,10 +323,9 @@ class Engine:
         g.emit(TurnResult(
             finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out),
             cache_tokens=s.cache_tokens, cache_tokens_seen=s.cache_tokens_seen, cache_budget=s.policy.max_tokens,
-            ttft_s=ttft_s, tpot_s=tpot_s, text=g.text.output,
+            ttft_s=ttft_s, tpot_s=tpot_s, text=g.decoder.output,
         ))
         self._release(g)
-        return True
 
     def _fail(self, g: Generation, error: GenerationError) -> None:
         """The turn is dropped; the cache may hold part of it, so it is rebuilt from the history next turn."""

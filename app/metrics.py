@@ -27,8 +27,8 @@ OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "conflict", "inv
 
 class Metrics:
     """The server's metrics, in a registry of their own (with the default process, platform and GC collectors)
-    so several apps in one process (tests) keep separate counts. Cache gauges are computed at scrape time from the live sessions, so they can
-    never drift from the truth."""
+    so several apps in one process (tests) keep separate counts. Cache gauges are computed at scrape time from
+    the live sessions, so they can never drift from the truth."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

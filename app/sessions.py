@@ -6,9 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from h2o_cache import CachePolicy
-
 from app.chat import Message
+from h2o_cache import CachePolicy
 
 if TYPE_CHECKING:
     from app.engine import Generation

@@ -15,12 +15,12 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from h2o_cache.loading import resolve_model_path
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from app.main import create_app
 from app.settings import Settings
+from h2o_cache.loading import resolve_model_path
 
 # A small policy so a few short turns fill the cache and force evictions.
 SMALL_POLICY = "h2o_4_8_32"

@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.app.conftest import SMALL_SLACK, generate, run_server, sse_events, wait_for_metric
 from app.main import create_app
 from app.settings import Settings
+from tests.app.conftest import SMALL_SLACK, generate, run_server, sse_events, wait_for_metric
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6}
 

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from tests.app.conftest import generate, run_server
 from app.main import create_app
 from app.settings import Settings
+from tests.app.conftest import generate, run_server
 
 pytestmark = pytest.mark.slow
 
