@@ -3,6 +3,8 @@
 * `SessionChatUser` chats through ``POST /sessions/{id}/generate`` (native SSE: ``token`` events, then ``done``).
 * `OpenAIChatUser` chats through ``POST /v1/chat/completions`` with ``stream: true`` and the ``X-Session-Id`` header.
 
+A user deletes its session (``DELETE /sessions/{id}``) when it moves on to a new one and when it stops.
+
 Every streamed reply is reported three times, so locust's stats and CSV carry the latencies users feel:
 the request itself (``POST``, send -> end of stream), ``TTFT`` (send -> first token) and ``TPOT`` (mean gap between
 the following tokens; replies of one token report no TPOT). All times are measured on the client.
@@ -42,12 +44,29 @@ class _ChatUser(HttpUser):
     abstract = True
     wait_time = between(0.2, 1.0)
 
+    session_id: str | None = None
+
     def on_start(self) -> None:
         self.new_session()
 
+    def on_stop(self) -> None:
+        self.end_session()
+
     def new_session(self) -> None:
+        self.end_session()
         self.session_id = uuid.uuid4().hex
         self.turn = 0
+
+    def end_session(self) -> None:
+        """Delete the finished session (as a well-behaved client does), so long runs stay under the server's
+        session limit instead of waiting for the idle TTL."""
+        if self.session_id is not None and self.turn > 0:
+            with self.client.delete(f"/sessions/{self.session_id}", headers=self.headers(), name="/sessions/[id]",
+                                    catch_response=True) as response:
+                # 404: the server already dropped it (TTL, restart); nothing left to clean up.
+                if response.status_code in (204, 404):
+                    response.success()
+        self.session_id = None
 
     def next_prompt(self) -> str:
         if self.turn >= TURNS:

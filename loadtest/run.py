@@ -74,7 +74,8 @@ def _percentiles(response_times: dict[float, int]) -> dict:
 
 
 def summarize(final_json: Path) -> dict:
-    """Requests, failures and percentiles (ms) per endpoint and over all endpoints, from locust's final stats
+    """Requests (streamed replies: the POSTs), failures and percentiles (ms) per endpoint and over all endpoints,
+    from locust's final stats
     (``--json-file``; the ``*_stats.csv`` is a snapshot locust writes once a second and can miss the last
     replies). Locust keeps times above 100 ms to 2 significant digits."""
     endpoints: dict[str, dict] = {}
@@ -86,10 +87,11 @@ def summarize(final_json: Path) -> dict:
             summary[f"{entry['method'].lower()}_ms"] = _percentiles(times)
             merged[entry["method"]].update(times)
         else:
-            summary.update(requests=entry["num_requests"], failures=entry["num_failures"],
-                           reply_ms=_percentiles(times))
+            summary.update(method=entry["method"], requests=entry["num_requests"], failures=entry["num_failures"],
+                           latency_ms=_percentiles(times))
     return {
         "requests": sum(e.get("requests", 0) for e in endpoints.values()),
+        "replies": sum(e["requests"] for e in endpoints.values() if e.get("method") == "POST"),
         "failures": sum(e.get("failures", 0) for e in endpoints.values()),
         "ttft_ms": _percentiles(merged["TTFT"]),
         "tpot_ms": _percentiles(merged["TPOT"]),
@@ -115,11 +117,13 @@ def load_run(out_dir: Path, *, host: str | None = None, serve_env: dict[str, str
             prometheus_url = stack.enter_context(
                 run_prometheus(target, out_dir / "prometheus", f"{scrape_interval_s:g}s"))
             _wait_first_scrape(prometheus_url, timeout_s=10 + 5 * scrape_interval_s)
-        start = time.time()
+        start, load_before = time.time(), os.getloadavg()[0]
         exit_code, duration_s = run_locust(host, out_dir, users, spawn_rate or users, run_time_s, max_new_tokens,
                                            turns, user_classes or [])
         summary = {"host": host, "users": users, "run_time_s": run_time_s, "duration_s": round(duration_s, 1),
                    "max_new_tokens": max_new_tokens, "turns_per_session": turns, "locust_exit_code": exit_code,
+                   # The CPU is shared: the 1-minute load average says how much else ran beside the load.
+                   "cpu_count": os.cpu_count(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                    **summarize(out_dir / "locust_final.json")}
         if prometheus_url:
             # Two more scrapes, so the last requests are in Prometheus before it is asked.
@@ -158,18 +162,20 @@ def render(summary: dict) -> str:
     lines = [
         f"Load run against {summary['host']}: {summary['users']} users, {summary['run_time_s']} s of load "
         f"({summary['duration_s']} s wall, running replies let finish), max_new_tokens={summary['max_new_tokens']}, "
-        f"{summary['turns_per_session']} turns per session.",
+        f"{summary['turns_per_session']} turns per session. Machine: {summary['cpu_count']} CPUs, 1-min load "
+        f"average {summary['load_avg_1m'][0]} before, {summary['load_avg_1m'][1]} after.",
         "",
-        f"Requests: {summary['requests']}, failures: {summary['failures']}, locust exit code: "
+        f"Requests: {summary['requests']} ({summary['replies']} streamed replies, the rest session deletes), "
+        f"failures: {summary['failures']}, locust exit code: "
         f"{summary['locust_exit_code']}. TTFT p50 / p95: {_fmt(summary['ttft_ms'])} ms; "
         f"TPOT p50 / p95: {_fmt(summary['tpot_ms'])} ms (client side, all endpoints).",
         "",
-        "| endpoint | requests | failures | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | reply p50 / p95 (ms) |",
+        "| endpoint | requests | failures | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | latency p50 / p95 (ms) |",
         "|---|---|---|---|---|---|",
     ]
     for name, e in summary["endpoints"].items():
-        lines.append(f"| `{name}` | {e.get('requests', 0)} | {e.get('failures', 0)} | {_fmt(e.get('ttft_ms'))} "
-                     f"| {_fmt(e.get('tpot_ms'))} | {_fmt(e.get('reply_ms'))} |")
+        lines.append(f"| `{e.get('method', '')} {name}` | {e.get('requests', 0)} | {e.get('failures', 0)} | {_fmt(e.get('ttft_ms'))} "
+                     f"| {_fmt(e.get('tpot_ms'))} | {_fmt(e.get('latency_ms'))} |")
     if "dashboard" in summary:
         empty = [d for d in summary["dashboard"] if not d["has_data"]]
         lines += ["", f"Dashboard: {len(summary['dashboard'])} queries evaluated by Prometheus "
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                        rate_interval=args.rate_interval)
     print(render(summary), end="")
     print(f"written to {args.out}")
-    ok = summary["requests"] > 0 and summary["failures"] == 0 and summary["locust_exit_code"] == 0
+    ok = summary["replies"] > 0 and summary["failures"] == 0 and summary["locust_exit_code"] == 0
     return 0 if ok and all(d["has_data"] for d in summary.get("dashboard", [])) else 1
 
 

@@ -94,12 +94,13 @@ def test_summarize_reads_locust_final_stats(tmp_path):
         entry("TPOT", "/sessions/[id]/generate", {40: 9}),
         entry("POST", "/v1/chat/completions", {800: 4}),
         entry("TTFT", "/v1/chat/completions", {200: 4}),
+        entry("DELETE", "/sessions/[id]", {5: 3}),
     ]))
     summary = summarize(final)
-    assert (summary["requests"], summary["failures"]) == (14, 1)
+    assert (summary["requests"], summary["replies"], summary["failures"]) == (17, 14, 1)
     native = summary["endpoints"]["/sessions/[id]/generate"]
     assert native["ttft_ms"] == {"p50": 100.0, "p95": 300.0, "p99": 300.0, "samples": 9}
-    assert native["reply_ms"]["p50"] == 900.0
+    assert native["latency_ms"]["p50"] == 900.0
     assert summary["ttft_ms"]["samples"] == 13 and summary["ttft_ms"]["p50"] == 200.0
     assert "tpot_ms" not in summary["endpoints"]["/v1/chat/completions"]
 
