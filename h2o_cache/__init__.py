@@ -5,15 +5,18 @@ from h2o_cache.loading import load_model
 from h2o_cache.patch import disable_streaming_llm, enable_h2o_llm, enable_streaming_llm, make_cache
 from h2o_cache.policy import CachePolicy
 from h2o_cache.rope import RotaryDelta
+from h2o_cache.snapshot import cache_state, restore_cache
 
 __all__ = [
     "CachePolicy",
     "H2OCache",
     "H2OLayer",
     "RotaryDelta",
+    "cache_state",
     "disable_streaming_llm",
     "enable_h2o_llm",
     "enable_streaming_llm",
     "load_model",
     "make_cache",
+    "restore_cache",
 ]
