@@ -103,14 +103,17 @@ class H2OLayer(CacheLayerMixin):
         s["keys"][:, :, start:end] = key_states
         s["values"][:, :, start:end] = value_states
         new_valid = self.new_valid
-        if new_valid is None:
-            positions = self._valid_seen[:, None] + torch.arange(q, device=self.device)
+        if new_valid is None and q == 1:  # the decode hot path: no temporaries
+            s["position"][:, :, start].copy_(self._valid_seen[:, None])
+            self._valid_seen += 1
+        elif new_valid is None:
+            s["position"][:, :, start:end] = (self._valid_seen[:, None] + torch.arange(q, device=self.device))[:, None]
             self._valid_seen += q
         else:
             positions = self._valid_seen[:, None] + new_valid.long().cumsum(-1) - 1
+            s["position"][:, :, start:end] = positions[:, None, :]
             self._valid_seen += new_valid.sum(-1)
             self.has_padding = True
-        s["position"][:, :, start:end] = positions[:, None, :]
         if self.has_padding:
             s["valid"][:, :, start:end] = True if new_valid is None else new_valid[:, None, :]
         if "scores" in s:
@@ -170,14 +173,17 @@ class H2OLayer(CacheLayerMixin):
         """One query token: the probabilities serve both the output and the scores (no second QK^T)."""
         b, hq, _, d = query.shape
         hk = self.keys.shape[1]
-        qg = query.view(b, hk, hq // hk, d)
-        logits = torch.matmul(qg, self.keys.transpose(-1, -2)).float() * scale  # (b, hk, g, n)
+        qg = query.view(b, hk, hq // hk, d) * scale
+        logits = torch.matmul(qg, self.keys.transpose(-1, -2))  # (b, hk, g, n)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))  # (b, hk, 1, n) broadcasts over the group
-        probs = logits.softmax(dim=-1)
-        self.slot("scores").add_(pool_group_attention(probs[:, :, :, None, :], new_valid))
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        if new_valid is None:
+            self.slot("scores").add_(probs.sum(dim=2))
+        else:
+            self.slot("scores").add_(pool_group_attention(probs[:, :, :, None, :], new_valid))
         out = torch.matmul(probs.to(self.values.dtype), self.values)  # (b, hk, g, d)
-        return out.reshape(b, hq, 1, d)
+        return out.view(b, hq, 1, d)
 
     def _score_prefill(
         self, query: torch.Tensor, mask: torch.Tensor | None, scale: float, new_valid: torch.Tensor | None
