@@ -316,10 +316,16 @@ class H2OCache(Cache):
             layer.begin_forward(new_valid, q)
 
     def next_positions(self, new_valid: torch.Tensor | None, q: int, device: torch.device) -> torch.Tensor:
-        """Rolled positions ``(batch, q)`` for ``q`` new tokens: a token's position is the count of valid kept
-        tokens before it, which is also what `generate` assigns while nothing has been evicted."""
+        """Positions ``(batch, q)`` for ``q`` new tokens, counted per row over valid tokens only (as `generate`
+        numbers a left-padded batch): with rolling, among the kept tokens (so they never exceed capacity +
+        slack); without, among all tokens seen (the original positions)."""
         layer = self.layers[0]
-        base = layer.valid_counts().to(device) if layer.is_initialized else torch.zeros(1, device=device)
+        if not layer.is_initialized:
+            base = torch.zeros(1, dtype=torch.long, device=device)
+        elif self.policy.rolling:
+            base = layer.valid_counts().to(device)
+        else:
+            base = layer._valid_seen.to(device)
         if new_valid is None:
-            return base[:, None].long() + torch.arange(q, device=device)
-        return base[:, None].long() + (new_valid.long().cumsum(-1) - 1).clamp(min=0)
+            return base[:, None] + torch.arange(q, device=device)
+        return base[:, None] + (new_valid.long().cumsum(-1) - 1).clamp(min=0)

@@ -116,7 +116,6 @@ def _chunked_forward(original, cache: H2OCache, kwargs: dict[str, Any]):
     q = inputs.shape[1]
     chunk = cache.policy.chunk_size
     mask = kwargs.get("attention_mask")
-    positions = kwargs.get("position_ids")
     keep = kwargs.get("logits_to_keep", 0)
     if q > chunk and kwargs.get("labels") is not None:
         raise ValueError(f"labels are not supported for inputs longer than chunk_size ({chunk})")
@@ -127,8 +126,6 @@ def _chunked_forward(original, cache: H2OCache, kwargs: dict[str, Any]):
         step[name] = inputs[:, start:end]
         if mask is not None and mask.dim() == 2:
             step["attention_mask"] = mask[:, : mask.shape[1] - q + end]
-        if positions is not None:
-            step["position_ids"] = positions[..., start:end]
         if end < q and keep != 0:
             step["logits_to_keep"] = 1  # only the last chunk's logits are returned
         out = _step(original, cache, step)
@@ -146,7 +143,6 @@ def _step(original, cache: H2OCache, kwargs: dict[str, Any]):
     mask = kwargs.get("attention_mask")
     new_valid = mask[:, -q:].to(torch.bool) if mask is not None and mask.dim() == 2 else None
     cache.begin_forward(new_valid, q)
-    if cache.policy.rolling:
-        kwargs["position_ids"] = cache.next_positions(new_valid, q, inputs.device)
+    kwargs["position_ids"] = cache.next_positions(new_valid, q, inputs.device)
     with attention.h2o_forward():
         return original(**kwargs)
