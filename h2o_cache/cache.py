@@ -37,11 +37,13 @@ class H2OLayer(CacheLayerMixin):
         super().__init__()
         self.policy = policy
         self.rotary = rotary
-        self.length = 0
+        self.length = 0  # slots in use (valid or not), shared by the rows
         self.seen = 0
-        self.evicted = 0
         self.has_padding = False
+        self.row_valid: list[int] = []  # valid slots per row, on the host: eviction decisions need no device sync
+        self.row_evicted: list[int] = []  # tokens evicted per row
         self.new_valid: torch.Tensor | None = None  # (batch, q_len) validity of the tokens of the current forward
+        self.new_counts: list[int] = []  # valid tokens per row in the current forward
         self._valid_seen: torch.Tensor | None = None  # (batch,) valid tokens appended so far
         self._slots: dict[str, torch.Tensor] = {}
 
@@ -68,6 +70,7 @@ class H2OLayer(CacheLayerMixin):
             new["scores"] = torch.zeros(b, h, n_slots, dtype=torch.float32, **kw)
         if self._valid_seen is None:
             self._valid_seen = torch.zeros(b, dtype=torch.int64, **kw)
+            self.row_valid, self.row_evicted = [0] * b, [0] * b
         for name, old in self._slots.items():
             new[name][:, :, : self.length] = old[:, :, : self.length]
         self._slots = new
@@ -95,6 +98,8 @@ class H2OLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
+        if self.length + q > self.n_slots and self.has_padding and self.policy.capacity is not None:
+            self._compact(list(self.row_valid))  # drop padding slots only
         if self.length + q > self.n_slots:
             grow = self.length + q if self.policy.capacity else max(self.length + q, 2 * self.n_slots)
             self._allocate(key_states, value_states, grow)
@@ -119,6 +124,8 @@ class H2OLayer(CacheLayerMixin):
         if "scores" in s:
             s["scores"][:, :, start:end] = 0
         self.length, self.seen = end, self.seen + q
+        counts = self.new_counts or [q] * len(self.row_valid)
+        self.row_valid = [v + c for v, c in zip(self.row_valid, counts)]
         self._refresh_views()
         attention.set_active_layer(self)
         return self.keys, self.values
@@ -152,8 +159,9 @@ class H2OLayer(CacheLayerMixin):
             out = self._sdpa(query, mask, scale)
             if self.policy.needs_scores:
                 self._score_prefill(query, mask, scale, new_valid)
-        if self.policy.capacity is not None and self.length > self.policy.capacity + self.policy.slack:
-            self.evict(self.policy.capacity)
+        cap = self.policy.capacity
+        if cap is not None and max(self.row_valid) > cap + self.policy.slack:
+            self._compact([cap if v > cap + self.policy.slack else v for v in self.row_valid])
         return out.transpose(1, 2).contiguous()
 
     def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -205,14 +213,19 @@ class H2OLayer(CacheLayerMixin):
     # -- eviction ------------------------------------------------------------------------------------------------
 
     def make_room(self, q: int) -> None:
-        """Before appending ``q`` tokens: cut back to capacity if the append would exceed
-        ``capacity + max(slack, q)``, which bounds a chunked prefill's peak."""
-        cap = self.policy.capacity
-        if cap is not None and self.length > cap and self.length + q > cap + max(self.policy.slack, q):
-            self.evict(cap)
+        """Before appending: a row whose append of ``c`` valid tokens would exceed ``capacity + max(slack, c)`` is
+        cut back to capacity first, which bounds a chunked prefill's peak."""
+        cap, slack = self.policy.capacity, self.policy.slack
+        if cap is None or not self.is_initialized:
+            return
+        counts = self.new_counts or [q] * len(self.row_valid)
+        n_keep = [cap if v > cap and v + c > cap + max(slack, c) else v for v, c in zip(self.row_valid, counts)]
+        if n_keep != self.row_valid:
+            self._compact(n_keep)
 
-    def evict(self, n_keep: int) -> None:
-        """Keep the ``n_keep`` best slots per (row, KV head) in one gather; re-rotate keys when rolling."""
+    def _compact(self, n_keep: list[int]) -> None:
+        """Keep, per row, the ``n_keep[row]`` best valid slots (per KV head) in one gather; re-rotate keys when
+        rolling. Rows share the new length ``max(n_keep)``; a shorter row's extra slots become padding."""
         valid = self.slot("valid")
         score = None
         if self.policy.needs_scores:
@@ -220,32 +233,101 @@ class H2OLayer(CacheLayerMixin):
             if self.policy.score_mode == "mean":
                 observers = (self._valid_seen[:, None, None] - self.slot("position")).float()
             score = heavy_hitter_score(self.slot("scores"), observers)
-        keep = select_kept(self.policy, valid, score, n_keep)
+        target = max(n_keep)
+        keep, keep_valid = select_kept(self.policy, valid, score, n_keep)
         kept = {}
         for name, tensor in self._slots.items():
             used = tensor[:, :, : self.length]
             index = keep if used.dim() == 3 else keep[..., None].expand(-1, -1, -1, used.shape[-1])
             kept[name] = used.gather(2, index)
+        if keep_valid is not None:
+            kept["valid"] &= keep_valid
+            self.has_padding = True
         if self.rotary is not None:
             old_pos = (valid.long().cumsum(-1) - 1).gather(2, keep)
             new_pos = kept["valid"].long().cumsum(-1) - 1
             kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
         for name, tensor in kept.items():
-            self._slots[name][:, :, :n_keep] = tensor
-        self.evicted += self.length - n_keep
-        self.length = n_keep
+            self._slots[name][:, :, :target] = tensor
+        self.row_evicted = [e + v - k for e, v, k in zip(self.row_evicted, self.row_valid, n_keep)]
+        self.row_valid = list(n_keep)
+        self.length = target
         self._refresh_views()
 
     def valid_counts(self) -> torch.Tensor:
-        """``(batch,)`` valid slots per row (equal across KV heads: padding always ranks last)."""
-        if not self.has_padding:
-            return torch.full((self._slots["keys"].shape[0],), self.length, device=self.device)
-        return self.slot("valid")[:, 0].sum(-1)
+        """``(batch,)`` valid slots per row (equal across KV heads)."""
+        return torch.tensor(self.row_valid, device=self.device)
 
-    def begin_forward(self, new_valid: torch.Tensor | None, q: int) -> None:
-        """Before a forward of ``q`` tokens with padding flags ``new_valid``: make room, remember the flags."""
+    def begin_forward(self, new_valid: torch.Tensor | None, new_counts: list[int], q: int) -> None:
+        """Before a forward of ``q`` tokens with padding flags ``new_valid`` (``new_counts`` valid per row)."""
+        self.new_valid, self.new_counts = new_valid, new_counts
         self.make_room(q)
-        self.new_valid = new_valid
+
+    # -- rows of a pool ------------------------------------------------------------------------------------------
+
+    def init_empty(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate ``batch`` empty rows (all slots padding), for a pool that sessions join and leave."""
+        empty = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.lazy_initialization(empty, empty)
+        self._slots["valid"].fill_(False)
+        self.has_padding = True
+
+    def _valid_index(self, row: int) -> torch.Tensor:
+        """``(kv_heads, n)`` slot indices of ``row``'s valid tokens, in order."""
+        valid = self.slot("valid")[row]
+        return valid.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, : self.row_valid[row]].sort(-1).values
+
+    def insert_row(self, row: int, source: H2OLayer) -> None:
+        """Copy the (single) row of ``source`` into ``row``, right-aligned; if it is longer than this layer's
+        length, every row shifts right and gains padding in front."""
+        if not source.is_initialized:
+            self.clear_row(row)
+            return
+        n = source.row_valid[0]
+        index = source._valid_index(0)
+        if n > self.length:
+            shift = n - self.length
+            if n > self.n_slots:
+                self._allocate(self._slots["keys"], self._slots["values"], n)
+            for tensor in self._slots.values():
+                tensor[:, :, shift:n] = tensor[:, :, : self.length].clone()
+            self._slots["valid"][:, :, :shift] = False
+            self.length = n
+        start = self.length - n
+        self._slots["valid"][row, :, :start] = False
+        for name, tensor in self._slots.items():
+            src = source.slot(name)[0]
+            picked = src.gather(1, index if src.dim() == 2 else index[..., None].expand(-1, -1, src.shape[-1]))
+            tensor[row, :, start : self.length] = picked
+        self._valid_seen[row] = source._valid_seen[0]
+        self.row_valid[row], self.row_evicted[row] = n, source.row_evicted[0]
+        self.has_padding = True
+        self._refresh_views()
+
+    def extract_row(self, row: int) -> H2OLayer:
+        """A batch-1 layer holding ``row``'s valid tokens (the row itself is left as it is)."""
+        layer = H2OLayer(self.policy, self.rotary)
+        index = self._valid_index(row)
+        keys = self.slot("keys")[row : row + 1]
+        layer.lazy_initialization(keys, self.slot("values")[row : row + 1])
+        n = self.row_valid[row]
+        if n > layer.n_slots:
+            layer._allocate(keys, self.slot("values")[row : row + 1], n)
+        for name, tensor in layer._slots.items():
+            src = self.slot(name)[row]
+            picked = src.gather(1, index if src.dim() == 2 else index[..., None].expand(-1, -1, src.shape[-1]))
+            tensor[0, :, :n] = picked
+        layer.length, layer.seen = n, self.seen
+        layer._valid_seen = self._valid_seen[row : row + 1].clone()
+        layer.row_valid, layer.row_evicted = [n], [self.row_evicted[row]]
+        layer._refresh_views()
+        return layer
+
+    def clear_row(self, row: int) -> None:
+        """Free ``row``: all its slots become padding."""
+        self._slots["valid"][row] = False
+        self._valid_seen[row] = 0
+        self.row_valid[row] = self.row_evicted[row] = 0
 
     # -- transformers Cache contract -----------------------------------------------------------------------------
 
@@ -265,20 +347,28 @@ class H2OLayer(CacheLayerMixin):
             self._valid_seen = fn(self._valid_seen)
             self._refresh_views()
 
+    def _apply_rows(self, rows: list[int]) -> None:
+        self.row_valid = [self.row_valid[r] for r in rows]
+        self.row_evicted = [self.row_evicted[r] for r in rows]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._apply_rows(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._apply_rows([r for r in range(len(self.row_valid)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._apply_batch(lambda t: t[indices])
+        self._apply_rows(torch.arange(len(self.row_valid))[indices.cpu()].tolist())
 
     def reset(self) -> None:
         self._slots = {}
         self.keys = self.values = None
-        self.length = self.seen = self.evicted = 0
+        self.length = self.seen = 0
         self.has_padding = False
+        self.row_valid, self.row_evicted, self.new_counts = [], [], []
         self.new_valid = self._valid_seen = None
         self.is_initialized = False
 
@@ -296,24 +386,60 @@ class H2OCache(Cache):
         self.policy = policy
 
     def kept_tokens(self) -> int:
-        """Tokens held now (the largest layer; all layers hold the same count)."""
-        return max((layer.length for layer in self.layers), default=0)
+        """Tokens held now by the fullest row (every layer holds the same counts)."""
+        return max(self.layers[0].row_valid, default=0) if self.layers else 0
 
     @property
     def evicted_tokens(self) -> int:
-        """Tokens evicted so far, per sequence (layer 0)."""
-        return self.layers[0].evicted if self.layers else 0
+        """Tokens evicted so far, summed over the rows (layer 0)."""
+        return sum(self.layers[0].row_evicted) if self.layers else 0
 
     def nbytes(self) -> int:
         """Bytes allocated by every layer's per-slot tensors (keys, values, scores, bookkeeping)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    @classmethod
+    def pool(cls, model, policy: CachePolicy, batch: int, rotary: RotaryDelta | None = None) -> H2OCache:
+        """An empty cache of ``batch`` rows that sessions join (:meth:`insert`) and leave (:meth:`extract`,
+        :meth:`release`) between forwards; each row evicts exactly as it would alone."""
+        text = model.config.get_text_config()
+        cache = cls(policy, text.num_hidden_layers, rotary)
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        for layer in cache.layers:
+            layer.init_empty(batch, kv_heads, head_dim, model.dtype, model.device)
+        return cache
+
+    def insert(self, row: int, session: H2OCache) -> None:
+        """Move a batch-1 cache's tokens into ``row`` (its policy must be this pool's)."""
+        if session.policy != self.policy:
+            raise ValueError(f"policy {session.policy.name} does not match the pool's {self.policy.name}")
+        for layer, source in zip(self.layers, session.layers):
+            layer.insert_row(row, source)
+
+    def extract(self, row: int) -> H2OCache:
+        """A batch-1 cache with ``row``'s tokens, to continue alone or to snapshot."""
+        single = H2OCache(self.policy, len(self.layers), self.layers[0].rotary)
+        single.layers = [layer.extract_row(row) for layer in self.layers]
+        return single
+
+    def release(self, row: int) -> None:
+        for layer in self.layers:
+            layer.clear_row(row)
+
+    def row_tokens(self, row: int) -> int:
+        """Tokens held by ``row``."""
+        return self.layers[0].row_valid[row]
+
     def begin_forward(self, new_valid: torch.Tensor | None, q: int) -> None:
         """Called before each forward of ``q`` tokens (``new_valid``: ``(batch, q)`` padding flags or None)."""
-        if new_valid is not None and bool(new_valid.all()):
-            new_valid = None  # one check per forward, not one per layer
+        counts: list[int] = []
+        if new_valid is not None:
+            counts = new_valid.sum(-1).tolist()  # one device sync per forward, not one per layer
+            if all(c == q for c in counts):
+                new_valid, counts = None, []
         for layer in self.layers:
-            layer.begin_forward(new_valid, q)
+            layer.begin_forward(new_valid, counts, q)
 
     def next_positions(self, new_valid: torch.Tensor | None, q: int, device: torch.device) -> torch.Tensor:
         """Positions ``(batch, q)`` for ``q`` new tokens, counted per row over valid tokens only (as `generate`

@@ -35,17 +35,18 @@ def heavy_hitter_score(acc: torch.Tensor, obs: torch.Tensor | None) -> torch.Ten
 
 
 def select_kept(
-    policy: CachePolicy, valid: torch.Tensor, score: torch.Tensor | None, n_keep: int
-) -> torch.Tensor:
-    """Indices of the ``n_keep`` slots to keep, in their original order.
+    policy: CachePolicy, valid: torch.Tensor, score: torch.Tensor | None, n_keep: list[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which slots survive, per row and KV head, in their original order.
 
     Args:
         valid: ``(batch, kv_heads, kv_len)`` bool, False for padding.
         score: ``(batch, kv_heads, kv_len)`` heavy-hitter score (None: no heavy hitters, e.g. StreamingLLM).
-        n_keep: slots to keep (<= kv_len).
+        n_keep: valid slots to keep per row; rows share the length ``max(n_keep)``.
 
     Returns:
-        ``(batch, kv_heads, n_keep)`` int64 slot indices, ascending.
+        ``(batch, kv_heads, max(n_keep))`` int64 slot indices, ascending, and, when some row keeps fewer than
+        ``max(n_keep)``, a bool tensor of the same shape that is False on the slots that row only keeps as padding.
     """
     rank = valid.to(torch.int32).cumsum(-1)  # 1-based rank among valid slots
     n_valid = rank[..., -1:]
@@ -53,5 +54,11 @@ def select_kept(
     middle = torch.zeros_like(rank, dtype=torch.float32) if score is None else score.float()
     priority = torch.where(valid, middle, _DROPPED)
     priority = torch.where(protected, _PROTECTED, priority)
-    keep = priority.topk(n_keep, dim=-1, sorted=False).indices
-    return keep.sort(dim=-1).values
+    target = max(n_keep)
+    if all(k == target for k in n_keep):
+        return priority.topk(target, dim=-1, sorted=False).indices.sort(dim=-1).values, None
+    best = priority.topk(target, dim=-1, sorted=True).indices  # best first: a row's first n_keep[row] are kept
+    ranks = torch.arange(target, device=valid.device)
+    keep_valid = (ranks < torch.tensor(n_keep, device=valid.device)[:, None])[:, None, :].expand_as(best)
+    order = best.argsort(dim=-1)
+    return best.gather(-1, order), keep_valid.gather(-1, order)

@@ -20,12 +20,13 @@ def cache_state(cache: H2OCache) -> tuple[dict[str, torch.Tensor], dict[str, Any
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for i, layer in enumerate(cache.layers):
-        layers.append({"length": layer.length, "seen": layer.seen, "evicted": layer.evicted,
-                       "has_padding": layer.has_padding, "initialized": layer.is_initialized})
+        layers.append({"length": layer.length, "seen": layer.seen, "row_valid": layer.row_valid,
+                       "row_evicted": layer.row_evicted, "has_padding": layer.has_padding,
+                       "initialized": layer.is_initialized})
         if layer.is_initialized:
             for name in layer._slots:
-                tensors[f"layers.{i}.{name}"] = layer.slot(name).contiguous().cpu()
-            tensors[f"layers.{i}.valid_seen"] = layer._valid_seen.cpu()
+                tensors[f"layers.{i}.{name}"] = layer.slot(name).to("cpu", copy=True)
+            tensors[f"layers.{i}.valid_seen"] = layer._valid_seen.to("cpu", copy=True)
     meta = {"format": FORMAT_VERSION, "policy": dataclasses.asdict(cache.policy), "layers": layers}
     return tensors, meta
 
@@ -48,7 +49,8 @@ def restore_cache(model: PreTrainedModel, tensors: dict[str, torch.Tensor], meta
         layer.length = info["length"]
         for name, slots in layer._slots.items():
             slots[:, :, : layer.length] = tensors[f"layers.{i}.{name}"].to(device)
-        layer._valid_seen = tensors[f"layers.{i}.valid_seen"].to(device)
-        layer.seen, layer.evicted, layer.has_padding = info["seen"], info["evicted"], info["has_padding"]
+        layer._valid_seen = tensors[f"layers.{i}.valid_seen"].to(device, copy=True)
+        layer.seen, layer.has_padding = info["seen"], info["has_padding"]
+        layer.row_valid, layer.row_evicted = list(info["row_valid"]), list(info["row_evicted"])
         layer._refresh_views()
     return cache
