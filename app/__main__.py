@@ -1,18 +1,38 @@
-"""`python -m app` / `h2o-serve`: run the server with uvicorn on H2O_HOST:H2O_PORT."""
+"""`python -m app` / `h2o-serve`: run the server with uvicorn on H2O_HOST:H2O_PORT, with a graceful SIGTERM."""
 
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
 from app.settings import Settings
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn, except on SIGTERM/SIGINT: stop accepting, let running turns finish for H2O_SHUTDOWN_GRACE_S, then
+    cancel them (the partial turn is kept), save every session, and exit 0 (plain uvicorn re-raises the signal,
+    so the process would end by it). A second signal forces the exit."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            return
+        logging.getLogger(__name__).info("%s: draining", signal.Signals(sig).name)
+        self.should_exit = True
+        self.config.app.state.server.begin_drain()
+
+
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level=settings.log_level)
+    from app.main import app  # after logging is set up; builds the app from the same environment
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
+    GracefulServer(config).run()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import secrets
@@ -32,6 +33,7 @@ from app.engine import (
 from app.metrics import Metrics
 from app.protocol import (
     SESSION_ID_PATTERN,
+    SESSION_ID_RULE,
     ChatCompletionRequest,
     GenerateRequest,
     SamplingFields,
@@ -43,13 +45,14 @@ from app.protocol import (
 )
 from app.sessions import Session, SessionLimitError, SessionStore
 from app.settings import Settings
+from app.snapshots import SnapshotCorruptError
 from h2o_cache import CachePolicy
 
 STATIC_DIR = Path(__file__).parent / "static"
 CANCEL_GRACE_S = 5.0
 """How long a new turn waits for a cancelled one (e.g. its client disconnected) to wind down before 409."""
 
-SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description="[A-Za-z0-9_.-]{1,128}")]
+SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description=SESSION_ID_RULE)]
 
 
 class ApiError(Exception):
@@ -67,6 +70,18 @@ class ServerState:
     engine: Engine
     sessions: SessionStore
     metrics: Metrics
+    draining: bool = False
+    """Set on SIGTERM: new turns get 503 while the running ones finish."""
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def begin_drain(self) -> None:
+        """Refuse new turns now; cancel those still running after `shutdown_grace_s` (thread- and signal-safe)."""
+        def drain() -> None:
+            self.draining = True
+            self.loop.call_later(self.settings.shutdown_grace_s, self.engine.cancel_all)
+
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(drain)
 
     def parse_policy(self, name: str | None) -> CachePolicy:
         """The requested (or default) policy, within the server's limits; ApiError 422 otherwise."""
@@ -91,16 +106,25 @@ State = Annotated[ServerState, Depends(get_state)]
 
 
 def require_api_key(state: State, authorization: Annotated[str | None, Header()] = None,
-                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+                    x_api_key: Annotated[str | None, Header()] = None) -> str | None:
     """When API keys are configured, accept `Authorization: Bearer <key>` (what OpenAI clients send) or
-    `X-API-Key: <key>`."""
+    `X-API-Key: <key>`, and return the caller's identity: a hash of the key (None without keys)."""
     keys = state.settings.api_keys
     if not keys:
-        return
+        return None
     supplied = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
     if not supplied or not any(secrets.compare_digest(supplied.encode(), key.encode()) for key in keys):
         raise ApiError(401, "missing or wrong API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    return key_id(supplied)
 
+
+def key_id(key: str) -> str:
+    """What sessions record as their owner: the key's hash, so snapshots never hold a key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+Owner = Annotated[str | None, Depends(require_api_key)]
+"""The caller's key hash; sessions of other keys do not exist for it (404)."""
 
 public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)])
@@ -131,36 +155,43 @@ def index() -> FileResponse:
 
 
 @protected.get("/sessions")
-def list_sessions(state: State) -> SessionList:
-    return SessionList(sessions=[_info(s) for s in state.sessions])
+def list_sessions(state: State, owner: Owner) -> SessionList:
+    """The caller's sessions, in memory or on disk."""
+    summaries = state.sessions.summaries()
+    return SessionList(sessions=[_info(s) for s in summaries if _owns(state, owner, s["owner"])])
 
 
 @protected.get("/sessions/{session_id}")
-def get_session(session_id: SessionId, state: State) -> SessionDetail:
-    session = _existing(state, session_id)
-    return SessionDetail(**_info(session).model_dump(), messages=list(session.messages))
+async def get_session(session_id: SessionId, state: State, owner: Owner) -> SessionDetail:
+    session = await _existing(state, session_id, owner)
+    return SessionDetail(**_info(session.summary()).model_dump(), messages=list(session.messages))
 
 
 @protected.delete("/sessions/{session_id}", status_code=204)
-def delete_session(session_id: SessionId, state: State) -> Response:
-    """Deleting a generating session cancels its generation."""
-    session = _existing(state, session_id)
-    state.sessions.pop(session_id)
-    if session.active is not None:
+def delete_session(session_id: SessionId, state: State, owner: Owner) -> Response:
+    """Deleting a generating session cancels its generation; its snapshot goes too (a damaged one included)."""
+    if not state.sessions.exists(session_id):
+        raise _not_found(session_id)
+    summary = state.sessions.summary(session_id)
+    if summary is not None and not _owns(state, owner, summary["owner"]):
+        raise _not_found(session_id)
+    session = state.sessions.pop(session_id)
+    if session is not None and session.active is not None:
         session.active.cancel()
     return Response(status_code=204)
 
 
 @protected.post("/sessions/{session_id}/generate", response_model=None)
-async def generate(session_id: SessionId, body: GenerateRequest, state: State) -> Response | TurnResult:
-    generation = await _start_turn(state, session_id, body.message, body.system, body.policy, body, body.stop)
+async def generate(session_id: SessionId, body: GenerateRequest, state: State, owner: Owner) -> Response | TurnResult:
+    generation = await _start_turn(state, owner, session_id, body.message, body.system, body.policy, body,
+                                   body.stop)
     if not body.stream:
         return await _collect(generation)
-    return EventSourceResponse(_native_events(generation), ping=state.settings.sse_ping_s)
+    return _event_stream(state, _native_events(generation))
 
 
 @protected.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, state: State,
+async def chat_completions(body: ChatCompletionRequest, state: State, owner: Owner,
                            x_session_id: Annotated[str | None, Header()] = None,
                            x_h2o_policy: Annotated[str | None, Header()] = None) -> Response | dict:
     """OpenAI's chat API. The session comes from `X-Session-Id` (or `user`); the server keeps its history, so
@@ -168,17 +199,17 @@ async def chat_completions(body: ChatCompletionRequest, state: State,
     session_id = x_session_id or body.user
     if session_id is None or not _valid_session_id(session_id):
         raise ApiError(422, "send the session id in the X-Session-Id header or the `user` field "
-                       "([A-Za-z0-9_.-]{1,128})", "invalid_session_id", "invalid")
+                       f"({SESSION_ID_RULE})", "invalid_session_id", "invalid")
     if body.messages[-1].role != "user":
         raise ApiError(422, "the last message must be the user's new message", "invalid_request", "invalid")
     system = body.messages[0].content if body.messages[0].role in ("system", "developer") else None
     sampling = body.model_copy(update={"max_new_tokens": body.max_completion_tokens or body.max_tokens})
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    generation = await _start_turn(state, session_id, body.messages[-1].content, system, x_h2o_policy, sampling, stop)
+    generation = await _start_turn(state, owner, session_id, body.messages[-1].content, system, x_h2o_policy,
+                                   sampling, stop)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return EventSourceResponse(_openai_chunks(generation, completion_id, created, body.model),
-                                   ping=state.settings.sse_ping_s)
+        return _event_stream(state, _openai_chunks(generation, completion_id, created, body.model))
     result = await _collect(generation)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
@@ -189,14 +220,17 @@ async def chat_completions(body: ChatCompletionRequest, state: State,
     }
 
 
-async def _start_turn(state: ServerState, session_id: str, message: str, system: str | None, policy: str | None,
-                      sampling: SamplingFields, stop: list[str]) -> Generation:
-    """Validate a turn against the server's limits and the session, create the session on first use, and submit
-    the turn. Any error leaves the store and the session as they were."""
+async def _start_turn(state: ServerState, owner: str | None, session_id: str, message: str, system: str | None,
+                      policy: str | None, sampling: SamplingFields, stop: list[str]) -> Generation:
+    """Validate a turn against the server's limits and the session, create the session on first use (or load it
+    from its snapshot), and submit the turn. Any error leaves the store and the session as they were."""
     settings = state.settings
-    if len(message) > settings.max_message_chars:
-        raise ApiError(413, f"message has {len(message)} characters; the limit is {settings.max_message_chars}",
-                       "message_too_large", "invalid")
+    if state.draining:
+        raise _retry_later(state, 503, "the server is shutting down", "shutting_down")
+    for name, text in (("message", message), ("system prompt", system or "")):
+        if len(text) > settings.max_message_chars:
+            raise ApiError(413, f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}",
+                           "message_too_large", "invalid")
     max_new = sampling.max_new_tokens or settings.default_max_new_tokens
     if max_new > settings.max_new_tokens:
         raise ApiError(422, f"max_new_tokens={max_new} exceeds the server limit {settings.max_new_tokens}",
@@ -209,17 +243,26 @@ async def _start_turn(state: ServerState, session_id: str, message: str, system:
     params = SamplingParams(max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                             seed=sampling.seed, stop=tuple(stop))
-    existing = state.sessions.get(session_id)
+    existing = await _load(state, session_id, owner)
     if existing is not None and existing.active is not None and existing.active.cancelled:
         with suppress(TimeoutError):
             await asyncio.wait_for(existing.active.finished.wait(), CANCEL_GRACE_S)
+    while state.sessions.get(session_id) is None and state.sessions.exists(session_id):
+        await _load(state, session_id, owner)  # it left memory while this request waited
     # No await from here on: the lookup, the checks and the submit happen atomically on the event loop.
     session = state.sessions.get(session_id)
     created = session is None
     if created:
-        session = Session(id=session_id, policy=state.parse_policy(policy), system=system)
+        session = Session(id=session_id, policy=state.parse_policy(policy), system=system, owner=owner)
     else:
+        if not _owns(state, owner, session.owner):
+            raise _not_found(session_id)
         _check_same(session, state.parse_policy(policy) if policy else None, system)
+    if settings.api_keys:
+        running = sum(1 for s in state.sessions if s.active is not None and s.owner == owner)
+        if running >= settings.max_requests_per_key:
+            raise _retry_later(state, 429, f"this API key has {running} generations in flight; the limit is "
+                               f"{settings.max_requests_per_key}", "too_many_requests")
     try:
         if created:
             state.sessions.add(session)
@@ -265,6 +308,13 @@ async def _collect(generation: Generation) -> TurnResult:
     return last
 
 
+def _event_stream(state: ServerState, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """An SSE response. On shutdown sse-starlette would cut streams at once; the grace lets the engine end them
+    (cancelled after H2O_SHUTDOWN_GRACE_S) so clients get their `done` event."""
+    return EventSourceResponse(events, ping=state.settings.sse_ping_s,
+                               shutdown_grace_period=state.settings.shutdown_grace_s + 2)
+
+
 async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
     try:
         async for event in generation:
@@ -305,19 +355,45 @@ def _openai_finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _existing(state: ServerState, session_id: str) -> Session:
-    session = state.sessions.get(session_id)
-    if session is None:
-        raise ApiError(404, f"no session {session_id!r}", "session_not_found")
+async def _load(state: ServerState, session_id: str, owner: str | None) -> Session | None:
+    """The session if it exists and belongs to `owner` (else None when it does not exist, 404 when it is
+    another key's); loaded from its snapshot if needed (500 when the snapshot is damaged)."""
+    summary = state.sessions.summary(session_id)
+    if summary is not None and not _owns(state, owner, summary["owner"]):
+        raise _not_found(session_id)
+    try:
+        session = await state.sessions.load(session_id)
+    except SnapshotCorruptError as exc:
+        raise ApiError(500, f"the snapshot of session {session_id!r} is damaged and was not loaded ({exc}); "
+                       "DELETE the session to start it over", "snapshot_corrupt") from exc
+    if session is not None and not _owns(state, owner, session.owner):
+        raise _not_found(session_id)
     return session
 
 
-def _info(session: Session) -> SessionInfo:
+async def _existing(state: ServerState, session_id: str, owner: str | None) -> Session:
+    session = await _load(state, session_id, owner)
+    if session is None:
+        raise _not_found(session_id)
+    return session
+
+
+def _owns(state: ServerState, caller: str | None, owner: str | None) -> bool:
+    """Without API keys every session is everyone's; with them, a session is its creator's key's only."""
+    return not state.settings.api_keys or caller == owner
+
+
+def _not_found(session_id: str) -> ApiError:
+    return ApiError(404, f"no session {session_id!r}", "session_not_found")
+
+
+def _info(summary: dict) -> SessionInfo:
+    policy = summary["policy"]
     return SessionInfo(
-        id=session.id, policy=session.policy.name, turns=session.turns, cache_tokens=session.cache_tokens,
-        cache_tokens_seen=session.cache_tokens_seen, cache_budget=session.policy.max_tokens,
-        evicted_tokens=session.evicted_tokens, cache_bytes=session.cache_bytes, busy=session.active is not None,
-        created_at=session.created_at, updated_at=session.updated_at,
+        id=summary["id"], policy=policy.name, turns=summary["turns"], cache_tokens=summary["cache_tokens"],
+        cache_tokens_seen=summary["cache_tokens_seen"], cache_budget=policy.max_tokens,
+        evicted_tokens=summary["evicted_tokens"], cache_bytes=summary["cache_bytes"], busy=summary["busy"],
+        created_at=summary["created_at"], updated_at=summary["updated_at"],
     )
 
 

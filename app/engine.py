@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from app.protocol import TokenEvent, TurnResult, Usage
 from app.sessions import Session
 from app.settings import Settings
 from app.textstream import TextStream
-from h2o_cache import load_model, make_cache
+from h2o_cache import load_model, make_cache, restore_cache
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.index_fill(0, torch.tensor(suppress_ids, device=logits.device), float("-inf"))
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
+    # Shift first and divide in float64: any temperature > 0 the API accepts (1e-300 is 0 in float32) then sends
+    # the other tokens to -inf and keeps the best at 0, instead of producing inf - inf = nan.
+    logits = (logits - logits.max()).double() / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -105,14 +108,16 @@ class Generation:
         """Hand an event to the event loop (called by the worker)."""
         self._call_on_loop(self.events.put_nowait, event)
 
-    def close(self) -> None:
-        """Release the session on the event loop once the worker has written the turn (called by the worker)."""
-        self._call_on_loop(self._release)
+    def close(self, last: TurnResult | GenerationError) -> None:
+        """Release the session and hand over the last event in one step on the event loop, so a client that has
+        seen the turn end always finds the session free (called by the worker or the snapshot writer)."""
+        self._call_on_loop(self._close_on_loop, last)
 
-    def _release(self) -> None:
+    def _close_on_loop(self, last: TurnResult | GenerationError) -> None:
         if self.session.active is self:
             self.session.active = None
         self.finished.set()
+        self.events.put_nowait(last)
 
     def _call_on_loop(self, fn, *args) -> None:
         try:
@@ -139,15 +144,21 @@ class Engine:
     """
 
     def __init__(self, settings: Settings, metrics: Metrics,
-                 preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> None:
+                 preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+                 persist: Callable[[Session, Callable[[], None]], None] | None = None) -> None:
+        """`persist(session, then)` is called on the worker when a turn has changed a session; it must call
+        `then()` (from any thread) once the session is saved, which ends the turn (SessionStore.persist)."""
         self._settings = settings
         self._metrics = metrics
+        self._persist = persist
         self.model, self.tokenizer = preloaded if preloaded else (None, None)
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._cond = threading.Condition()
         self._waiting: deque[Generation] = deque()
         self._in_flight = 0
+        self._generations: set[Generation] = set()
+        """Submitted and not yet released (guarded by _cond)."""
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._eos_ids: list[int] = []
@@ -159,6 +170,20 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="h2o-engine", daemon=True)
         self._thread.start()
+
+    def cancel_all(self) -> None:
+        """Cancel every generation in flight; each ends at its next step and keeps what it generated."""
+        with self._cond:
+            for generation in self._generations:
+                generation.cancel()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Cancel every generation and wait (up to `timeout_s`) until each has ended and been saved."""
+        self.cancel_all()
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and self._thread is not None and self._thread.is_alive() \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cond:
@@ -185,6 +210,7 @@ class Engine:
             if self._in_flight >= self._settings.max_running + self._settings.max_waiting:
                 raise QueueFullError(f"{self._in_flight} generations are in flight; retry later")
             self._in_flight += 1
+            self._generations.add(generation)
             self._waiting.append(generation)
             self._metrics.requests_waiting.set(len(self._waiting))
             self._cond.notify()
@@ -282,7 +308,10 @@ class Engine:
 
     def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""
-        if session.cache is None:
+        if session.cache is None and session.saved_cache is not None:
+            session.cache = restore_cache(self.model, *session.saved_cache)
+            session.saved_cache = None
+        elif session.cache is None:
             session.cache = make_cache(self.model, session.policy)
         cache = session.cache
         evicted_before = cache.evicted_tokens
@@ -297,8 +326,8 @@ class Engine:
         return out.logits[0, -1]
 
     def _finish(self, g: Generation, reason: str) -> None:
-        """Write the turn into the session (unless it was cancelled before anything was fed), report it, and
-        release the session."""
+        """Write the turn into the session (unless it was cancelled before anything was fed), save it, then
+        report it and release the session."""
         s = g.session
         started = g.n_fed > 0
         if started:
@@ -320,25 +349,32 @@ class Engine:
             m.ttft.observe(ttft_s)
         if n_out > 1:
             m.tpot.observe(tpot_s)
-        g.emit(TurnResult(
+        result = TurnResult(
             finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out),
             cache_tokens=s.cache_tokens, cache_tokens_seen=s.cache_tokens_seen, cache_budget=s.policy.max_tokens,
             ttft_s=ttft_s, tpot_s=tpot_s, text=g.decoder.output,
-        ))
-        self._release(g)
+        )
+
+        def complete() -> None:
+            self._release(g, result)
+
+        if started and self._persist is not None:
+            self._persist(s, complete)
+        else:
+            complete()
 
     def _fail(self, g: Generation, error: GenerationError) -> None:
         """The turn is dropped; the cache may hold part of it, so it is rebuilt from the history next turn."""
         if g.n_fed:
             g.session.reset_cache()
         self._metrics.requests.labels("error").inc()
-        g.emit(error)
-        self._release(g)
+        self._release(g, error)
 
-    def _release(self, g: Generation) -> None:
+    def _release(self, g: Generation, last: TurnResult | GenerationError) -> None:
         with self._cond:
             self._in_flight -= 1
-        g.close()
+            self._generations.discard(g)
+        g.close(last)
 
     def _raw(self, ids: list[int]) -> str:
         """Exact text of `ids`, special tokens included: what the chat template must reproduce."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +20,7 @@ from app.engine import Engine
 from app.metrics import Metrics
 from app.sessions import SessionStore
 from app.settings import Settings
+from app.snapshots import SnapshotStore
 
 GENERATION_PATHS = ("/generate", "/v1/chat/completions")
 
@@ -27,21 +30,32 @@ def create_app(settings: Settings | None = None,
     """Build the server. `preloaded` (model, tokenizer) skips loading `settings.model` (tests use it)."""
     settings = settings or Settings()
     metrics = Metrics()
-    sessions = SessionStore(settings.max_sessions, settings.session_ttl_s)
-    metrics.track_sessions(lambda: sessions)
-    state = ServerState(settings, Engine(settings, metrics, preloaded), sessions, metrics)
+    snapshots = SnapshotStore(settings.snapshot_dir) if settings.snapshot_dir else None
+    sessions = SessionStore(settings.max_sessions, settings.session_ttl_s, settings.max_resident_sessions,
+                            snapshots, metrics)
+    metrics.track_sessions(lambda: sessions, lambda: sessions.stored_count)
+    engine = Engine(settings, metrics, preloaded, persist=sessions.persist if snapshots else None)
+    state = ServerState(settings, engine, sessions, metrics)
     state.parse_policy(None)  # a bad default policy fails at startup, not on the first request
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.engine.start()
+        state.loop = asyncio.get_running_loop()
+        await asyncio.to_thread(sessions.open, state.loop)
+        engine.start()
+        expiry = asyncio.create_task(_expire_periodically(sessions, settings.session_ttl_s))
         yield
-        state.engine.stop()
+        expiry.cancel()
+        state.draining = True
+        await engine.drain(settings.shutdown_grace_s)  # running turns end as cancelled and are saved
+        engine.stop()
+        await asyncio.to_thread(sessions.close)
 
     app = FastAPI(title="h2o-serve", lifespan=lifespan)
     app.state.server = state
     app.include_router(public)
     app.include_router(protected)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ReplicaHeader, name=settings.replica_name)
 
     @app.exception_handler(ApiError)
@@ -66,6 +80,69 @@ def create_app(settings: Settings | None = None,
 
 def _error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status, headers=headers)
+
+
+async def _expire_periodically(sessions: SessionStore, ttl_s: float) -> None:
+    """Delete expired sessions even when no new session arrives to trigger it."""
+    if not ttl_s:
+        return
+    while True:
+        await asyncio.sleep(min(max(ttl_s / 4, 0.25), 60.0))
+        sessions.expire()
+
+
+class BodyLimit:
+    """Answers 413 to a request body over `max_bytes` before the app reads it: by its Content-Length, or, for a
+    chunked body, by counting while buffering it (bounded by `max_bytes`)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self._max_bytes:
+                await self._reject(send)
+                return
+            await self._app(scope, receive, send)
+            return
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            await self._app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self._max_bytes:
+                await self._reject(send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        await self._app(scope, replay, send)
+
+    async def _reject(self, send: Send) -> None:
+        content = json.dumps({"error": {"message": f"request body over {self._max_bytes} bytes",
+                                        "type": "body_too_large", "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(content)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": content})
 
 
 class ReplicaHeader:

@@ -19,6 +19,7 @@ from prometheus_client import (
 # One scale from a fast GPU (a few ms per token) to a slow CPU with a long prompt (tens of seconds to first token).
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0)
+SNAPSHOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "conflict", "invalid")
 """`h2o_requests_total` outcomes: the finish reasons, a failed generation, 429 (queue or session limit),
@@ -39,7 +40,19 @@ class Metrics:
         self.kv_cache_tokens = Gauge("h2o_kv_cache_tokens", "KV cache tokens kept over live sessions", registry=r)
         self.kv_cache_bytes = Gauge("h2o_kv_cache_bytes", "Bytes of KV cache tensors over live sessions",
                                     registry=r)
-        self.sessions_active = Gauge("h2o_sessions_active", "Live sessions", registry=r)
+        self.sessions_active = Gauge("h2o_sessions_active", "Sessions resident in memory", registry=r)
+        self.sessions_stored = Gauge("h2o_sessions_stored", "Sessions with a snapshot on disk", registry=r)
+        self.sessions_restored = Counter("h2o_sessions_restored", "Sessions loaded back from their snapshot",
+                                         registry=r)
+        self.sessions_evicted = Counter("h2o_sessions_evicted", "Idle sessions dropped from memory (kept on disk)",
+                                        registry=r)
+        self.sessions_expired = Counter("h2o_sessions_expired", "Sessions deleted after their idle TTL", registry=r)
+        self.snapshot_write_seconds = Histogram("h2o_snapshot_write_seconds", "Time to write one session snapshot "
+                                                "durably", buckets=SNAPSHOT_BUCKETS_S, registry=r)
+        self.snapshot_errors = Counter("h2o_snapshot_errors", "Snapshots that failed to write or to verify",
+                                       ["kind"], registry=r)
+        for kind in ("write", "corrupt"):
+            self.snapshot_errors.labels(kind)
         self.gpu_allocated = Gauge("h2o_gpu_memory_allocated_bytes", "GPU memory allocated by tensors (0 on CPU)",
                                    registry=r)
         self.gpu_reserved = Gauge("h2o_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator (0 on CPU)",
@@ -59,11 +72,13 @@ class Metrics:
         self.gpu_allocated.set_function(lambda: _cuda_bytes(torch.cuda.memory_allocated))
         self.gpu_reserved.set_function(lambda: _cuda_bytes(torch.cuda.memory_reserved))
 
-    def track_sessions(self, sessions: Callable[[], Iterable]) -> None:
-        """Compute the session gauges from `sessions()` (objects with cache_tokens and cache_bytes) at scrape."""
+    def track_sessions(self, sessions: Callable[[], Iterable], stored: Callable[[], int] = lambda: 0) -> None:
+        """Compute the session gauges at scrape from `sessions()` (the resident ones: objects with cache_tokens
+        and cache_bytes) and `stored()` (how many have a snapshot)."""
         self.kv_cache_tokens.set_function(lambda: sum(s.cache_tokens for s in sessions()))
         self.kv_cache_bytes.set_function(lambda: sum(s.cache_bytes for s in sessions()))
         self.sessions_active.set_function(lambda: sum(1 for _ in sessions()))
+        self.sessions_stored.set_function(lambda: stored())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+"""Letters, digits, `_ . -`, at most 128, not starting with `.` or `-` (so never `.`, `..` or an option-like
+name). Ids never reach the filesystem anyway: snapshot files are named by a hash of the id."""
+SESSION_ID_RULE = "[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

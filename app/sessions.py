@@ -1,16 +1,33 @@
-"""Conversations: each holds its chat history, its bounded KV cache and what the two have in common."""
+"""Conversations: each holds its chat history, its bounded KV cache and what the two have in common; the store
+keeps a bounded number of them in memory and, with a snapshot directory, every one of them on disk."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors.torch import save as save_tensors
+
 from app.chat import Message
-from h2o_cache import CachePolicy
+from app.snapshots import Snapshot, SnapshotCorruptError, SnapshotStore, SnapshotWriter, file_stem
+from h2o_cache import CachePolicy, cache_state
 
 if TYPE_CHECKING:
     from app.engine import Generation
+    from app.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = ("id", "owner", "turns", "cache_tokens", "cache_tokens_seen", "cache_bytes", "evicted_tokens",
+                  "created_at", "updated_at")
 
 
 @dataclass
@@ -26,11 +43,16 @@ class Session:
     id: str
     policy: CachePolicy
     system: str | None = None
+    owner: str | None = None
+    """Hash of the API key that created the session (None without API keys); never the key itself."""
     messages: list[Message] = field(default_factory=list)
     fed_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     cache: Any = None
     """The transformers Cache from h2o_cache.make_cache, built by the worker on the first forward."""
+    saved_cache: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    """Tensors and metadata of a cache restored from a snapshot; the worker rebuilds `cache` from them on the
+    next forward (h2o_cache.restore_cache), so loading a session never touches the model."""
     turns: int = 0
     cache_tokens: int = 0
     cache_tokens_seen: int = 0
@@ -39,13 +61,56 @@ class Session:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     active: Generation | None = None
+    persisted: bool = False
+    """The snapshot on disk holds this state: the session may leave memory."""
+    deleted: bool = False
 
     def reset_cache(self) -> None:
         """Forget the cache; the next turn re-prefills the whole history once (used after a failed forward)."""
-        self.cache = None
+        self.cache = self.saved_cache = None
         self.fed_text = ""
         self.pending_ids = []
         self.cache_tokens = self.cache_bytes = 0
+
+    def to_state(self) -> tuple[dict[str, Any], bytes]:
+        """Everything that makes a continuation identical, as JSON-able state plus a safetensors file's bytes
+        (worker thread, between steps: the bytes are a copy, so the cache may change right after)."""
+        if self.cache is not None:
+            tensors, cache_meta = cache_state(self.cache)
+        elif self.saved_cache is not None:
+            tensors, cache_meta = self.saved_cache
+        else:
+            tensors, cache_meta = {}, None
+        state = {
+            "id": self.id, "owner": self.owner, "policy": dataclasses.asdict(self.policy), "system": self.system,
+            "messages": self.messages, "fed_text": self.fed_text, "pending_ids": self.pending_ids,
+            "cache": cache_meta, "turns": self.turns, "cache_tokens": self.cache_tokens,
+            "cache_tokens_seen": self.cache_tokens_seen, "cache_bytes": self.cache_bytes,
+            "evicted_tokens": self.evicted_tokens, "created_at": self.created_at, "updated_at": self.updated_at,
+        }
+        return state, save_tensors(tensors) if tensors else b""
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot) -> Session:
+        s = snapshot.state
+        return cls(
+            id=s["id"], policy=CachePolicy(**s["policy"]), system=s["system"], owner=s["owner"],
+            messages=s["messages"], fed_text=s["fed_text"], pending_ids=s["pending_ids"],
+            saved_cache=(snapshot.tensors, s["cache"]) if s["cache"] is not None else None,
+            turns=s["turns"], cache_tokens=s["cache_tokens"], cache_tokens_seen=s["cache_tokens_seen"],
+            cache_bytes=s["cache_bytes"], evicted_tokens=s["evicted_tokens"], created_at=s["created_at"],
+            updated_at=s["updated_at"], persisted=True,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What listing a session needs (see `stored_summary` for one that is only on disk)."""
+        return {**{name: getattr(self, name) for name in SUMMARY_FIELDS}, "policy": self.policy,
+                "busy": self.active is not None}
+
+
+def stored_summary(state: dict[str, Any]) -> dict[str, Any]:
+    return {**{name: state[name] for name in SUMMARY_FIELDS}, "policy": CachePolicy(**state["policy"]),
+            "busy": False}
 
 
 class SessionLimitError(Exception):
@@ -53,35 +118,206 @@ class SessionLimitError(Exception):
 
 
 class SessionStore:
-    """Live sessions by id, bounded in number; idle ones expire after `ttl_s` (checked when one is created)."""
+    """Sessions by id, bounded in number; idle ones expire after `ttl_s`.
 
-    def __init__(self, max_sessions: int, ttl_s: float) -> None:
-        self._sessions: dict[str, Session] = {}
+    Without a snapshot store every session lives in memory. With one, every completed turn is written to disk
+    (`persist`, called by the engine), at most `max_resident` sessions stay in memory (the least recently used
+    idle ones leave first; their snapshot is already up to date), and a session on disk is loaded again when it
+    is touched (`load`). Only the event loop calls the methods, except `persist` (the worker).
+    """
+
+    def __init__(self, max_sessions: int, ttl_s: float, max_resident: int | None = None,
+                 snapshots: SnapshotStore | None = None, metrics: Metrics | None = None) -> None:
         self._max_sessions = max_sessions
         self._ttl_s = ttl_s
+        self._max_resident = max_resident if snapshots is not None and max_resident else max_sessions
+        self._snapshots = snapshots
+        self._writer = SnapshotWriter(snapshots) if snapshots is not None else None
+        self._metrics = metrics
+        self._resident: OrderedDict[str, Session] = OrderedDict()
+        """In memory, least recently used first."""
+        self._stored: dict[str, dict[str, Any]] = {}
+        """Summaries of the sessions with a snapshot on disk (resident or not)."""
+        self._corrupt: dict[str, SnapshotCorruptError] = {}
+        """Snapshots found damaged, by file stem (their session id may be unreadable)."""
+        self._loading: dict[str, asyncio.Task] = {}
+        self._disk_lock = threading.Lock()
+        """Orders a turn's save against a DELETE of the same session (worker thread vs event loop)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def persistent(self) -> bool:
+        return self._snapshots is not None
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Index the snapshot directory (JSON only; sessions load when touched) and start the writer thread."""
+        self._loop = loop
+        if self._snapshots is None:
+            return
+        for stem, found in self._snapshots.scan():
+            if isinstance(found, SnapshotCorruptError):
+                logger.error("session snapshot %s is corrupt and will not be loaded: %s", stem, found)
+                self._corrupt[stem] = found
+                self._count_corrupt()
+            else:
+                self._stored[found["id"]] = stored_summary(found)
+        logger.info("%d session snapshots found in %s (%d corrupt)", len(self._stored),
+                    self._snapshots.directory, len(self._corrupt))
+        self._writer.start()
+
+    def close(self) -> None:
+        """Finish pending snapshot writes (after the engine has stopped)."""
+        if self._writer is not None:
+            self._writer.close()
 
     def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
+        """A resident session (marked as just used); see `load` for one that may be on disk."""
+        session = self._resident.get(session_id)
+        if session is not None:
+            self._resident.move_to_end(session_id)
+        return session
+
+    def exists(self, session_id: str) -> bool:
+        return session_id in self._resident or session_id in self._stored or file_stem(session_id) in self._corrupt
+
+    def summary(self, session_id: str) -> dict[str, Any] | None:
+        """Listing fields of a session without loading it; None if unknown or corrupt."""
+        session = self._resident.get(session_id)
+        return session.summary() if session is not None else self._stored.get(session_id)
+
+    async def load(self, session_id: str) -> Session | None:
+        """The session, read back from its snapshot if it is not in memory; None if there is none. Raises
+        SnapshotCorruptError when its snapshot fails verification (every time, until it is deleted)."""
+        while session_id not in self._resident:
+            stem = file_stem(session_id)
+            if stem in self._corrupt:
+                raise self._corrupt[stem]
+            if session_id not in self._stored:
+                return None
+            task = self._loading.get(session_id)
+            if task is None:
+                task = self._loading[session_id] = asyncio.create_task(self._restore(session_id))
+            await asyncio.shield(task)
+        return self.get(session_id)
+
+    async def _restore(self, session_id: str) -> None:
+        try:
+            snapshot = await asyncio.to_thread(self._snapshots.load, session_id)
+        except FileNotFoundError:  # deleted meanwhile
+            self._stored.pop(session_id, None)
+            return
+        except SnapshotCorruptError as exc:
+            logger.error("snapshot of session %s is corrupt and will not be loaded: %s", session_id, exc)
+            self._corrupt[file_stem(session_id)] = exc
+            self._stored.pop(session_id, None)
+            self._count_corrupt()
+            raise
+        finally:
+            self._loading.pop(session_id, None)
+        if session_id in self._stored and session_id not in self._resident:
+            self._evict(room=1)
+            self._resident[session_id] = Session.from_snapshot(snapshot)
+            if self._metrics is not None:
+                self._metrics.sessions_restored.inc()
 
     def add(self, session: Session) -> None:
-        self._expire()
-        if len(self._sessions) >= self._max_sessions:
-            raise SessionLimitError(f"{self._max_sessions} sessions are live; delete one or retry later")
-        self._sessions[session.id] = session
+        """A new session (its id must be unknown: check `exists` first)."""
+        self.expire()
+        known = len(self._stored) + sum(1 for sid in self._resident if sid not in self._stored)
+        if known >= self._max_sessions:
+            raise SessionLimitError(f"{self._max_sessions} sessions exist; delete one or retry later")
+        self._evict(room=1)
+        self._resident[session.id] = session
 
     def pop(self, session_id: str) -> Session | None:
-        return self._sessions.pop(session_id, None)
+        """Forget a session, in memory and on disk (a damaged snapshot included)."""
+        session = self._resident.pop(session_id, None)
+        if session is not None:
+            session.deleted = True
+        stem = file_stem(session_id)
+        on_disk = self._stored.pop(session_id, None) is not None or self._corrupt.pop(stem, None) is not None
+        if self._writer is not None and (on_disk or session is not None):
+            with self._disk_lock:
+                self._writer.delete(session_id)
+        return session
 
-    def __iter__(self):
-        return iter(list(self._sessions.values()))
+    def persist(self, session: Session, then: Callable[[], None]) -> None:
+        """Worker thread, at the end of a turn: snapshot the session now and write it on the writer thread; the
+        store learns about it on the event loop, then `then()` runs (it ends the turn, so a client sees a
+        turn's end only once the turn is on disk)."""
+        if self._writer is None:
+            then()
+            return
+        state, tensor_bytes = session.to_state()
+        started = time.perf_counter()
+
+        def done(error: Exception | None) -> None:
+            if self._metrics is not None:
+                self._metrics.snapshot_write_seconds.observe(time.perf_counter() - started)
+            self._loop.call_soon_threadsafe(self._saved, session, state, error)
+            then()
+
+        with self._disk_lock:
+            if session.deleted:
+                then()
+            else:
+                self._writer.save(state, tensor_bytes, done)
+
+    def _saved(self, session: Session, state: dict[str, Any], error: Exception | None) -> None:
+        if error is not None:
+            session.persisted = False
+            if self._metrics is not None:
+                self._metrics.snapshot_errors.labels("write").inc()
+            return
+        session.persisted = True
+        if not session.deleted:
+            self._stored[session.id] = stored_summary(state)
+        self._evict()
+
+    def __iter__(self) -> Iterator[Session]:
+        """Resident sessions."""
+        return iter(list(self._resident.values()))
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._resident)
 
-    def _expire(self) -> None:
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every session, resident or on disk (damaged snapshots excluded)."""
+        resident = [s.summary() for s in self._resident.values()]
+        return resident + [summary for sid, summary in self._stored.items() if sid not in self._resident]
+
+    @property
+    def stored_count(self) -> int:
+        return len(self._stored)
+
+    def expire(self) -> None:
+        """Delete idle sessions older than the TTL, in memory and on disk."""
         if not self._ttl_s:
             return
         horizon = time.time() - self._ttl_s
-        for session in list(self._sessions.values()):
-            if session.active is None and session.updated_at < horizon:
-                del self._sessions[session.id]
+        expired = [s.id for s in self._resident.values() if s.active is None and s.updated_at < horizon]
+        expired += [sid for sid, summary in self._stored.items()
+                    if sid not in self._resident and summary["updated_at"] < horizon]
+        for session_id in expired:
+            self.pop(session_id)
+        if expired and self._metrics is not None:
+            self._metrics.sessions_expired.inc(len(expired))
+
+    def _evict(self, room: int = 0) -> None:
+        """Drop least recently used idle sessions until `room` more fit within `max_resident` (they are on disk
+        already). An unanswered session (no turn yet) has nothing worth keeping and is dropped too."""
+        excess = len(self._resident) + room - self._max_resident
+        if excess <= 0 or self._snapshots is None:
+            return
+        for session in list(self._resident.values()):
+            if excess <= 0:
+                break
+            if session.active is None and (session.persisted or session.turns == 0):
+                del self._resident[session.id]
+                excess -= 1
+                if self._metrics is not None:
+                    self._metrics.sessions_evicted.inc()
+
+    def _count_corrupt(self) -> None:
+        if self._metrics is not None:
+            self._metrics.snapshot_errors.labels("corrupt").inc()

@@ -28,8 +28,17 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(256, ge=1)
     max_running: int = Field(8, ge=1, description="generations advanced together, round-robin")
     max_waiting: int = Field(64, ge=0, description="queued generations beyond max_running; more get 429")
-    max_sessions: int = Field(1024, ge=1, description="live sessions; creating more gets 429")
-    session_ttl_s: float = Field(3600.0, ge=0, description="idle sessions older than this are dropped (0: never)")
+    max_sessions: int = Field(1024, ge=1, description="sessions (in memory or on disk); creating more gets 429")
+    session_ttl_s: float = Field(3600.0, ge=0, description="idle sessions older than this are deleted (0: never)")
+    snapshot_dir: str | None = Field(None, description="persist sessions here after every turn (none: in memory)")
+    max_resident_sessions: int | None = Field(
+        None, ge=1, description="with snapshot_dir: sessions kept in memory, the least recently used idle ones "
+        "leave first (default: max_sessions)")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGTERM, streams may finish this long, then are "
+                                    "cancelled (their partial turn is kept)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_requests_per_key: int = Field(16, ge=1, description="with API keys: generations in flight per key; more "
+                                      "get 429")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens per scheduler step, so prefill interleaves")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
     sse_ping_s: float = Field(15.0, gt=0, description="keep-alive comment interval on event streams")
