@@ -20,6 +20,7 @@ import time
 import uuid
 
 import requests
+from gevent import GreenletExit
 from locust import HttpUser, between, task
 
 # Locust puts the locustfile's folder on sys.path, so the sibling module imports by its bare name.
@@ -91,6 +92,11 @@ class _ChatUser(HttpUser):
             except (StreamError, ValueError, requests.RequestException) as exc:
                 response.failure(f"{type(exc).__name__}: {exc}")
                 return
+            except GreenletExit:
+                # Locust kills users still running at the end of --stop-timeout; count the cut reply, or it would
+                # vanish from the stats.
+                response.failure("interrupted: the run ended before the reply did")
+                raise
             # With stream=True locust timed only the headers; report the whole stream instead.
             response.request_meta["response_time"] = (time.perf_counter() - start) * 1000
             response.success()
