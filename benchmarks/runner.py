@@ -1,0 +1,219 @@
+"""The one place that drives a model through a cache: teacher-forced NLL streams and timed generation.
+
+A :class:`Session` is one (model, cache policy) pair. Scripts create one per config (in its own worker process, see
+:mod:`benchmarks.workers`) and advance them in round-robin, so that machine noise hits every config alike.
+
+Teacher forcing follows StreamingLLM: after an eviction-free prefix, tokens go through the compressed cache
+``step`` at a time (1 = one token per forward) and the NLL of each next token is recorded. The prefix (the first
+``capacity`` tokens; every token for the full cache) cannot trigger an eviction, so it is fed in chunks: same logits
+as one token per forward (checked in tests/benchmarks), a fraction of the CPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from benchmarks.data import FILES, resolve_data_dir, tokenize
+from h2o_cache import CachePolicy, load_model, make_cache
+
+PREFIX_CHUNK = 64  # tokens per forward in the eviction-free prefix; bounds the (rows, chunk, vocab) logits
+SMOKE_MODEL = "tiny"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: the tokenizer of the in-process tiny model (no files, no hub)."""
+
+    vocab_size = 256
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def tiny_model():
+    """A 2-layer random Llama (GQA, RoPE) built in-process for smoke runs; seeded, so every worker builds the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval(), ByteTokenizer()
+
+
+@dataclass
+class Spec:
+    """What a worker builds: the model and one cache policy (``options`` as in ``CachePolicy.parse``)."""
+
+    policy: str
+    model: str = "smollm2"
+    options: dict = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
+    threads: int = 1
+    data_dir: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The policy name plus any non-default option, e.g. ``h2o_4_64_256[score_mode=sum]``."""
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.policy}[{extra}]" if extra else self.policy
+
+
+class AttentionTimer:
+    """Wall time spent inside the model's ``self_attn`` modules (projections, RoPE, cache update + eviction and the
+    attention itself), via forward pre/post hooks."""
+
+    def __init__(self, model):
+        self.total_s = 0.0
+        self._start = 0.0
+        for name, module in model.named_modules():
+            if name.endswith("self_attn"):
+                module.register_forward_pre_hook(self._pre)
+                module.register_forward_hook(self._post)
+
+    def _pre(self, *_):
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        self.total_s += time.perf_counter() - self._start
+
+
+def process_memory() -> dict:
+    """Peak and current RSS of this process, and the CUDA peak when on GPU."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out = {"peak_rss_bytes": peak_kb * 1024, "rss_bytes": psutil.Process(os.getpid()).memory_info().rss}
+    if torch.cuda.is_available():
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+class Session:
+    """One model + one cache policy; all methods return plain dicts/lists so they can cross a process pipe."""
+
+    def __init__(self, spec: Spec):
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.smoke = spec.model == SMOKE_MODEL
+        if self.smoke:
+            self.model, self.tokenizer = tiny_model()
+        else:
+            self.model, self.tokenizer = load_model(spec.model, device=spec.device, dtype=spec.dtype)
+        self.device = next(self.model.parameters()).device
+        self.policy = CachePolicy.parse(spec.policy, **spec.options)
+        make_cache(self.model, self.policy)  # installs the attention hook before the timer wraps the modules
+        self.attn = AttentionTimer(self.model)
+        self.stream: dict | None = None
+
+    def tokens(self, row: str, n_tokens: int) -> list[int]:
+        synthetic = self.smoke and not _data_available(self.spec.data_dir)
+        return tokenize(self.tokenizer, row, n_tokens, self.spec.data_dir, synthetic=synthetic)
+
+    @torch.inference_mode()
+    def _forward(self, cache, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+    # -- teacher-forced streams ----------------------------------------------------------------------------------
+
+    def start_stream(self, rows: list[str], n_tokens: int, step: int = 1, chunk_prefix: bool = True) -> None:
+        """Prepare a teacher-forced pass over the first ``n_tokens`` of each text row (one batch row each)."""
+        ids = torch.tensor([self.tokens(r, n_tokens) for r in rows], device=self.device)
+        cap = self.policy.capacity
+        prefix = 0 if not chunk_prefix else (n_tokens if cap is None else min(cap, n_tokens))
+        self.stream = {
+            "ids": ids, "pos": 0, "prefix": prefix, "step": step, "cache": make_cache(self.model, self.policy),
+            "nll": torch.zeros(len(rows), n_tokens - 1), "time_s": 0.0, "kv_bytes_max": 0, "kept_max": 0,
+        }
+
+    @torch.inference_mode()
+    def _feed(self, n: int) -> float:
+        """Feed the next ``n`` tokens in one forward; record the NLL of each one's next token. Returns seconds."""
+        s = self.stream
+        ids, a = s["ids"], s["pos"]
+        b = min(ids.shape[1], a + n)
+        t0 = time.perf_counter()
+        logits = self._forward(s["cache"], ids[:, a:b]).float()
+        n_targets = min(b, ids.shape[1] - 1) - a
+        if n_targets > 0:
+            logits = logits[:, :n_targets]
+            target = ids[:, a + 1 : a + 1 + n_targets]
+            nll = logits.logsumexp(-1) - logits.gather(-1, target[..., None]).squeeze(-1)
+            s["nll"][:, a : a + n_targets] = nll.cpu()
+        dt = time.perf_counter() - t0
+        s["pos"], s["time_s"] = b, s["time_s"] + dt
+        cache = s["cache"]
+        s["kv_bytes_max"] = max(s["kv_bytes_max"], cache.nbytes() // ids.shape[0])
+        s["kept_max"] = max(s["kept_max"], cache.kept_tokens())
+        return dt
+
+    def advance(self, n_tokens: int, n_timed_single: int = 0) -> dict:
+        """Feed up to ``n_tokens`` more tokens: first ``n_timed_single`` one per forward (timed: TPOT), the rest
+        in the stream's chunks. Returns what this call covered (target NLL sums, timings, cache and RSS state)."""
+        s = self.stream
+        start, end = s["pos"], min(s["ids"].shape[1], s["pos"] + n_tokens)
+        single_s = []
+        while s["pos"] < end:
+            if len(single_s) < n_timed_single:
+                single_s.append(self._feed(1))
+            elif s["pos"] < s["prefix"]:
+                self._feed(min(PREFIX_CHUNK, s["prefix"] - s["pos"], end - s["pos"]))
+            else:
+                self._feed(min(s["step"], end - s["pos"]))
+        nll = s["nll"][:, start : min(end, s["ids"].shape[1] - 1)]
+        cache = s["cache"]
+        return {
+            "start": start, "end": end, "done": end >= s["ids"].shape[1], "nll_sum": nll.sum().item(),
+            "n_targets": nll.numel(), "single_s": single_s, "kv_bytes": cache.nbytes() // s["ids"].shape[0],
+            "kept_tokens": cache.kept_tokens(), "evicted_tokens": cache.evicted_tokens, **process_memory(),
+        }
+
+    def stream_result(self) -> dict:
+        """Per-row NLL lists and the pass totals; frees the cache."""
+        s, self.stream = self.stream, None
+        return {
+            "nll": s["nll"].tolist(), "time_s": s["time_s"], "kv_bytes_max": s["kv_bytes_max"],
+            "kept_max": s["kept_max"], "evicted_tokens": s["cache"].evicted_tokens,
+        }
+
+    # -- generation timing ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def timed_generation(self, row: str, prompt_tokens: int, new_tokens: int) -> dict:
+        """Prefill a ``prompt_tokens`` prompt (chunked by the policy), then greedy-decode ``new_tokens`` tokens.
+        TTFT = prefill until the first new token; decode_s = each later token's forward + argmax."""
+        ids = torch.tensor([self.tokens(row, prompt_tokens)], device=self.device)
+        cache = make_cache(self.model, self.policy)
+        self._sync()
+        t0 = time.perf_counter()
+        logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        self._sync()
+        ttft_s = time.perf_counter() - t0
+        decode_s, attn_s = [], []
+        for _ in range(new_tokens - 1):
+            a0, t0 = self.attn.total_s, time.perf_counter()
+            token = self._forward(cache, token)[:, -1].argmax(-1, keepdim=True)
+            self._sync()
+            decode_s.append(time.perf_counter() - t0)
+            attn_s.append(self.attn.total_s - a0)
+        return {
+            "ttft_s": ttft_s, "decode_s": decode_s, "attn_s": attn_s, "kv_bytes": cache.nbytes(),
+            "kept_tokens": cache.kept_tokens(), "context_tokens": prompt_tokens,
+        }
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def memory(self) -> dict:
+        return process_memory()
+
+
+def _data_available(data_dir: str | None) -> bool:
+    return all((resolve_data_dir(data_dir) / f).is_file() for f in FILES.values())

@@ -1,0 +1,83 @@
+"""Smoke runs of every benchmark script on the in-process tiny model: output files exist and tables have the
+expected shape. The full runs are by hand (benchmarks/README.md)."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import ablate, ppl, speed, stress
+from benchmarks.runner import Session, Spec
+
+
+def table_shape(markdown: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the first Markdown table in a file."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        if line.startswith("|---"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(header):
+            break
+        rows.append(cells)
+    return header, rows
+
+
+def test_ppl_smoke(tmp_path):
+    ppl.main(["--smoke", "--out", str(tmp_path)])
+    for name in ("ppl.md", "ppl.json", "ppl.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    header, rows = table_shape((tmp_path / "ppl.md").read_text())
+    assert header == ppl.columns_for(["wikitext", "pg19", "heldout"], cuda=torch.cuda.is_available())
+    assert [r[0] for r in rows] == ppl.SMOKE_CONFIGS.split(",")
+    payload = json.loads((tmp_path / "ppl.json").read_text())
+    for result in payload["results"]:
+        assert set(result["group_ppl"]) == {"wikitext", "pg19", "heldout"}
+        assert result["tpot_ms"] > 0 and result["kv_bytes"] > 0
+
+
+def test_ablate_smoke(tmp_path):
+    ablate.main(["--smoke", "--out", str(tmp_path)])
+    text = (tmp_path / "ablations.md").read_text()
+    assert text.count("## Phase") == 3
+    payload = json.loads((tmp_path / "ablations.json").read_text())
+    assert "tale" not in payload["rows"] + payload["slack_rows"]
+    assert len(payload["phase1"]) == len(ablate.phase1_grid(smoke=True))
+
+
+def test_ablate_refuses_heldout(tmp_path):
+    with pytest.raises(SystemExit):
+        ablate.main(["--smoke", "--out", str(tmp_path), "--texts", "wikitext,heldout"])
+
+
+def test_speed_smoke(tmp_path):
+    speed.main(["--smoke", "--out", str(tmp_path)])
+    header, rows = table_shape((tmp_path / "speed.md").read_text())
+    assert header[:4] == ["Context", "Config", "TTFT (s)", "TPOT (ms)"]
+    assert len(rows) == 3 * 2  # 3 contexts x 2 configs
+    assert (tmp_path / "speed_tpot.png").stat().st_size > 0
+
+
+def test_stress_smoke(tmp_path):
+    stress.main(["--smoke", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "stress.json").read_text())
+    windows = payload["windows"]
+    assert len(windows["baseline"]) == 768 // 128 and len(windows["h2o_4_16_64"]) == 1024 // 128
+    bounded = [w["kv_bytes"] for w in windows["h2o_4_16_64"]]
+    assert max(bounded) == min(bounded)  # bounded cache: constant allocation
+    for name in ("ppl", "tpot", "kv", "rss"):
+        assert (tmp_path / f"stress_{name}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("policy", ["baseline", "streaming_4_64", "h2o_4_16_64"])
+def test_chunked_prefix_matches_one_token_per_forward(policy):
+    """The eviction-free prefix is fed in chunks; that must not change a single NLL."""
+    session = Session(Spec(policy=policy, model="tiny"))
+    nll = {}
+    for chunk_prefix in (False, True):
+        session.start_stream(["wikitext", "moby"], 200, step=1, chunk_prefix=chunk_prefix)
+        session.advance(200)
+        nll[chunk_prefix] = torch.tensor(session.stream_result()["nll"])
+    torch.testing.assert_close(nll[True], nll[False], atol=1e-4, rtol=1e-4)
