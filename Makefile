@@ -1,4 +1,4 @@
-.PHONY: setup serve test bench-smoke
+.PHONY: setup serve test bench-smoke loadtest
 
 setup:
 	./scripts/bootstrap.sh
@@ -12,3 +12,6 @@ test: setup
 
 bench-smoke: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.ppl --smoke
+
+loadtest: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m loadtest.run --serve --prometheus --users 4 --run-time 60
