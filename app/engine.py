@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from app.batching import Batcher
 from app.chat import Message, turn_delta
 from app.metrics import Metrics
 from app.protocol import TokenEvent, TurnResult, Usage
@@ -162,6 +163,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._eos_ids: list[int] = []
+        self._batcher: Batcher | None = None
 
     @property
     def ready(self) -> bool:
@@ -231,6 +233,8 @@ class Engine:
             self.load_error = f"model failed to load: {exc}"
             return
         self._eos_ids = sorted(_eos_ids(self.model, self.tokenizer))
+        if self._settings.batching:
+            self._batcher = Batcher(self, self._settings.max_batch)
         self._ready.set()
         active: list[Generation] = []
         while True:
@@ -253,6 +257,9 @@ class Engine:
 
     def _step_all(self, active: list[Generation]) -> list[Generation]:
         """One scheduler round: advance each running generation by one step; return those still running."""
+        if self._batcher is not None:
+            with torch.inference_mode():
+                return self._batcher.step_all(active)
         running = []
         with torch.inference_mode():
             for generation in active:
@@ -279,6 +286,14 @@ class Engine:
                 return False
         else:
             logits = self._forward(g.session, g.output_ids[-1:])
+        reason = self._take(g, logits)
+        if reason is None:
+            return False
+        self._finish(g, reason)
+        return True
+
+    def _take(self, g: Generation, logits: torch.Tensor) -> str | None:
+        """Sample the next token from `logits` (vocab,) and emit it; the finish reason, or None to go on."""
         if g.generator is None:
             g.generator = torch.Generator(device=logits.device)
             if g.params.seed is None:
@@ -301,10 +316,7 @@ class Engine:
             text += g.decoder.flush()
         if text or not is_eos:
             g.emit(TokenEvent(text=text, token_id=token))
-        if reason is None:
-            return False
-        self._finish(g, reason)
-        return True
+        return reason
 
     def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""

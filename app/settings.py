@@ -16,7 +16,8 @@ class Settings(BaseSettings):
 
     model: str = Field("smollm2", description="'smollm2' (bundled GGUF) or an HF id / local path")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda when available")
-    dtype: str | None = Field(None, description="float32, float16, bfloat16; default: fp32 on CPU, fp16 on CUDA")
+    dtype: str | None = Field(None, description="fp32, bf16, fp16, int8 (weight-only Linear, CPU) or auto; default: "
+                              "fp32 on CPU, fp16 on CUDA")
 
     policy: str = Field("h2o_8_248_512", description="cache policy of sessions that do not pick one")
     policy_slack: int = Field(64, ge=0, description="tokens a cache may overshoot its capacity before eviction")
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     max_requests_per_key: int = Field(16, ge=1, description="with API keys: generations in flight per key; more "
                                       "get 429")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens per scheduler step, so prefill interleaves")
+    batching: bool = Field(True, description="one batched forward per step over all decoding sessions (false: "
+                           "one forward per session)")
+    max_batch: int = Field(16, ge=1, description="rows of the batched cache pool; more decoding sessions run alone")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
     sse_ping_s: float = Field(15.0, gt=0, description="keep-alive comment interval on event streams")
 
