@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(32_000, ge=1, description="longer messages get 413")
     max_new_tokens: int = Field(2048, ge=1, description="upper limit of a request's max_new_tokens")
     default_max_new_tokens: int = Field(256, ge=1)
-    max_running: int = Field(8, ge=1, description="generations advanced together, round-robin")
+    max_running: int = Field(16, ge=1, description="generations advanced together (batched: one forward)")
     max_waiting: int = Field(64, ge=0, description="queued generations beyond max_running; more get 429")
     max_sessions: int = Field(1024, ge=1, description="sessions (in memory or on disk); creating more gets 429")
     session_ttl_s: float = Field(3600.0, ge=0, description="idle sessions older than this are deleted (0: never)")
