@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from app.chat import Message
-from app.snapshots import Snapshot, SnapshotCorruptError, SnapshotStore, SnapshotWriter, file_stem
+from app.snapshots import Signature, Snapshot, SnapshotCorruptError, SnapshotStore, SnapshotWriter, file_stem
 from h2o_cache import CachePolicy, cache_state
 
 if TYPE_CHECKING:
@@ -124,6 +124,11 @@ class SessionStore:
     (`persist`, called by the engine), at most `max_resident` sessions stay in memory (the least recently used
     idle ones leave first; their snapshot is already up to date), and a session on disk is loaded again when it
     is touched (`load`). Only the event loop calls the methods, except `persist` (the worker).
+
+    Replicas may share the snapshot directory: a session is live on one replica at a time (the router hashes its
+    id), and moves when a replica dies or comes back. So before a session is used, `refresh` compares the snapshot
+    on disk with the one this store last wrote or read: a snapshot it has not seen (another replica wrote it) is
+    indexed, and replaces an idle copy in memory, which would be older; a snapshot deleted elsewhere is forgotten.
     """
 
     def __init__(self, max_sessions: int, ttl_s: float, max_resident: int | None = None,
@@ -138,6 +143,8 @@ class SessionStore:
         """In memory, least recently used first."""
         self._stored: dict[str, dict[str, Any]] = {}
         """Summaries of the sessions with a snapshot on disk (resident or not)."""
+        self._signatures: dict[str, Signature] = {}
+        """Of the snapshot files this store last wrote or read, by file stem (see `refresh`)."""
         self._corrupt: dict[str, SnapshotCorruptError] = {}
         """Snapshots found damaged, by file stem (their session id may be unreadable)."""
         self._loading: dict[str, asyncio.Task] = {}
@@ -155,6 +162,7 @@ class SessionStore:
         if self._snapshots is None:
             return
         for stem, found in self._snapshots.scan():
+            self._signatures[stem] = self._snapshots.signature(stem)
             if isinstance(found, SnapshotCorruptError):
                 logger.error("session snapshot %s is corrupt and will not be loaded: %s", stem, found)
                 self._corrupt[stem] = found
@@ -178,16 +186,19 @@ class SessionStore:
         return session
 
     def exists(self, session_id: str) -> bool:
+        self.refresh(session_id)
         return session_id in self._resident or session_id in self._stored or file_stem(session_id) in self._corrupt
 
     def summary(self, session_id: str) -> dict[str, Any] | None:
         """Listing fields of a session without loading it; None if unknown or corrupt."""
+        self.refresh(session_id)
         session = self._resident.get(session_id)
         return session.summary() if session is not None else self._stored.get(session_id)
 
     async def load(self, session_id: str) -> Session | None:
         """The session, read back from its snapshot if it is not in memory; None if there is none. Raises
         SnapshotCorruptError when its snapshot fails verification (every time, until it is deleted)."""
+        self.refresh(session_id)
         while session_id not in self._resident:
             stem = file_stem(session_id)
             if stem in self._corrupt:
@@ -200,7 +211,40 @@ class SessionStore:
             await asyncio.shield(task)
         return self.get(session_id)
 
+    def refresh(self, session_id: str) -> None:
+        """Bring this store's view of `session_id` in line with the snapshot directory, which other replicas may
+        write: one stat when nothing changed. A session generating here, or with a save pending, is this
+        replica's own and is left alone."""
+        if self._snapshots is None:
+            return
+        session = self._resident.get(session_id)
+        if session is not None and (session.active is not None or not session.persisted):
+            return
+        stem = file_stem(session_id)
+        signature = self._snapshots.signature(stem)
+        if signature == self._signatures.get(stem):
+            return
+        if session is not None:  # older than the disk: `load` reads the current snapshot
+            del self._resident[session_id]
+        self._corrupt.pop(stem, None)
+        self._stored.pop(session_id, None)
+        self._signatures.pop(stem, None)
+        if signature is None:
+            return
+        self._signatures[stem] = signature
+        try:
+            state = self._snapshots.read_state(session_id)
+        except FileNotFoundError:  # deleted meanwhile
+            return
+        except SnapshotCorruptError as exc:
+            logger.error("snapshot of session %s is corrupt and will not be loaded: %s", session_id, exc)
+            self._corrupt[stem] = exc
+            self._count_corrupt()
+            return
+        self._stored[session_id] = stored_summary(state)
+
     async def _restore(self, session_id: str) -> None:
+        signature = self._snapshots.signature(file_stem(session_id))  # before the read: at worst a reload later
         try:
             snapshot = await asyncio.to_thread(self._snapshots.load, session_id)
         except FileNotFoundError:  # deleted meanwhile
@@ -217,6 +261,7 @@ class SessionStore:
         if session_id in self._stored and session_id not in self._resident:
             self._evict(room=1)
             self._resident[session_id] = Session.from_snapshot(snapshot)
+            self._signatures[file_stem(session_id)] = signature
             if self._metrics is not None:
                 self._metrics.sessions_restored.inc()
 
@@ -235,6 +280,7 @@ class SessionStore:
         if session is not None:
             session.deleted = True
         stem = file_stem(session_id)
+        self._signatures.pop(stem, None)
         on_disk = self._stored.pop(session_id, None) is not None or self._corrupt.pop(stem, None) is not None
         if self._writer is not None and (on_disk or session is not None):
             with self._disk_lock:
@@ -254,7 +300,8 @@ class SessionStore:
         def done(error: Exception | None) -> None:
             if self._metrics is not None:
                 self._metrics.snapshot_write_seconds.observe(time.perf_counter() - started)
-            self._loop.call_soon_threadsafe(self._saved, session, state, error)
+            signature = self._snapshots.signature(file_stem(session.id)) if error is None else None
+            self._loop.call_soon_threadsafe(self._saved, session, state, signature, error)
             then()
 
         with self._disk_lock:
@@ -263,7 +310,8 @@ class SessionStore:
             else:
                 self._writer.save(state, tensor_bytes, done)
 
-    def _saved(self, session: Session, state: dict[str, Any], error: Exception | None) -> None:
+    def _saved(self, session: Session, state: dict[str, Any], signature: Signature | None,
+               error: Exception | None) -> None:
         if error is not None:
             session.persisted = False
             if self._metrics is not None:
@@ -272,6 +320,7 @@ class SessionStore:
         session.persisted = True
         if not session.deleted:
             self._stored[session.id] = stored_summary(state)
+            self._signatures[file_stem(session.id)] = signature
         self._evict()
 
     def __iter__(self) -> Iterator[Session]:
@@ -291,13 +340,20 @@ class SessionStore:
         return len(self._stored)
 
     def expire(self) -> None:
-        """Delete idle sessions older than the TTL, in memory and on disk."""
+        """Delete idle sessions older than the TTL, in memory and on disk (as the disk has them: another replica
+        may have carried a session on since this one last saw it)."""
         if not self._ttl_s:
             return
         horizon = time.time() - self._ttl_s
-        expired = [s.id for s in self._resident.values() if s.active is None and s.updated_at < horizon]
-        expired += [sid for sid, summary in self._stored.items()
-                    if sid not in self._resident and summary["updated_at"] < horizon]
+
+        def idle_ids() -> list[str]:
+            ids = [s.id for s in self._resident.values() if s.active is None and s.updated_at < horizon]
+            return ids + [sid for sid, summary in self._stored.items()
+                          if sid not in self._resident and summary["updated_at"] < horizon]
+
+        for session_id in idle_ids():
+            self.refresh(session_id)
+        expired = idle_ids()
         for session_id in expired:
             self.pop(session_id)
         if expired and self._metrics is not None:

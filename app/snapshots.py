@@ -9,7 +9,12 @@ filesystem, so no id can name a path):
 
 The JSON is the commit point. A new snapshot writes its tensor file under a new name first, then replaces the
 JSON (temp file + fsync + rename + fsync of the directory), then removes the older tensor file: a crash at any
-moment leaves the previous or the new snapshot whole. One server process owns a directory.
+moment leaves the previous or the new snapshot whole.
+
+Several replicas may share a directory (scale-out behind a session-affine router): each session is live on one
+replica at a time, the others learn of changes through `signature` (see app.sessions.SessionStore.refresh), and
+startup only cleans up leftovers older than `LEFTOVER_AGE_S`, so a replica that starts never removes the files
+another replica is writing.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +38,12 @@ from safetensors.torch import load as load_tensors
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+LEFTOVER_AGE_S = 300.0
+"""Temp files and unreferenced tensor files older than this are a crash's leftovers; younger ones may be a write
+in progress on another replica that shares the directory."""
+
+Signature = tuple[int, int, int]
+"""(inode, mtime ns, size) of a snapshot's JSON: every save replaces the file, so a save changes it."""
 
 
 class SnapshotCorruptError(Exception):
@@ -78,13 +91,23 @@ class SnapshotStore:
             if old.name != keep:
                 old.unlink(missing_ok=True)
 
+    def signature(self, stem: str) -> Signature | None:
+        """Identifies the current snapshot with file stem `stem` (see `file_stem`) without reading it; None if
+        there is none."""
+        try:
+            st = os.stat(self.directory / f"{stem}.json")
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def read_state(self, session_id: str) -> dict[str, Any]:
+        """The verified JSON state of `session_id` (tensors not read); errors as `load`."""
+        return self._read_session_body(session_id)["session"]
+
     def load(self, session_id: str) -> Snapshot:
         """The verified snapshot of `session_id`; FileNotFoundError if there is none, SnapshotCorruptError if it
         fails verification."""
-        stem = file_stem(session_id)
-        body = self._read_body(self.directory / f"{stem}.json")
-        if body["session"].get("id") != session_id:
-            raise SnapshotCorruptError(f"snapshot {stem}.json belongs to session {body['session'].get('id')!r}")
+        body = self._read_session_body(session_id)
         tensors: dict[str, torch.Tensor] = {}
         ref = body["tensors"]
         if ref is not None:
@@ -113,7 +136,7 @@ class SnapshotStore:
     def scan(self) -> Iterator[tuple[str, dict[str, Any] | SnapshotCorruptError]]:
         """Every snapshot as (file stem, session state or the error that makes it unreadable). Only the JSON is
         read (tensor files are verified when a session is loaded). Removes what a crash left behind: temp files
-        and tensor files no JSON refers to."""
+        and tensor files no JSON refers to, once older than LEFTOVER_AGE_S."""
         referenced = set()
         for path in sorted(self.directory.glob("*.json")):
             stem = path.name.removesuffix(".json")
@@ -128,11 +151,22 @@ class SnapshotStore:
             if body["tensors"] is not None:
                 referenced.add(body["tensors"]["file"])
             yield stem, body["session"]
-        for path in self.directory.glob(".*.tmp"):
-            path.unlink(missing_ok=True)
-        for path in self.directory.glob("*.safetensors"):
-            if path.name not in referenced:
-                path.unlink(missing_ok=True)
+        horizon = time.time() - LEFTOVER_AGE_S
+        leftovers = [*self.directory.glob(".*.tmp"),
+                     *(p for p in self.directory.glob("*.safetensors") if p.name not in referenced)]
+        for path in leftovers:
+            try:
+                if path.stat().st_mtime < horizon:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _read_session_body(self, session_id: str) -> dict[str, Any]:
+        stem = file_stem(session_id)
+        body = self._read_body(self.directory / f"{stem}.json")
+        if body["session"].get("id") != session_id:
+            raise SnapshotCorruptError(f"snapshot {stem}.json belongs to session {body['session'].get('id')!r}")
+        return body
 
     def _read_body(self, path: Path) -> dict[str, Any]:
         raw = path.read_bytes()  # FileNotFoundError: no snapshot
@@ -151,7 +185,7 @@ class SnapshotStore:
         return body
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
