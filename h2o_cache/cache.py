@@ -1,11 +1,12 @@
 """Bounded KV cache storage: one :class:`H2OLayer` per model layer inside an :class:`H2OCache`.
 
-Each layer preallocates ``capacity + max(slack, chunk)`` slots and writes new tokens in place. Next to the keys and
-values it keeps, per (batch row, KV head, slot): the token's original position (its rank among the row's valid
-tokens), a validity flag (padding) and the accumulated attention. In ``mean`` mode the number of queries that saw a
-slot is derived, not stored: every valid query after a token sees it, so it is ``valid tokens seen - position``. When the layer grows past
-``capacity + slack`` it is cut back to ``capacity`` in one gather; with position rolling the surviving keys are
-re-rotated so that a slot's position is its rank among the row's valid slots.
+Each layer preallocates ``capacity + slack`` slots and writes new tokens in place (a prefill chunk grows them to
+``capacity + chunk`` for that forward only). Next to the keys and values it keeps, per (batch row, KV head, slot):
+the token's original position (its rank among the row's valid tokens), a validity flag (padding) and the
+accumulated attention. In ``mean`` mode the number of queries that saw a slot is derived, not stored: every valid
+query after a token sees it, so it is ``valid tokens seen - position``. When a row grows past ``capacity + slack``
+it is cut back to ``capacity`` in one gather; with position rolling the surviving keys are re-rotated so that a
+slot's position is its rank among the row's valid slots.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class H2OLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
         policy = self.policy
-        n = policy.capacity + max(policy.slack, policy.chunk_size) if policy.capacity else 256
+        n = policy.max_tokens if policy.capacity else 256
         self._allocate(key_states, value_states, max(n, key_states.shape[-2]))
 
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, n_slots: int) -> None:
@@ -162,6 +163,8 @@ class H2OLayer(CacheLayerMixin):
         cap = self.policy.capacity
         if cap is not None and max(self.row_valid) > cap + self.policy.slack:
             self._compact([cap if v > cap + self.policy.slack else v for v in self.row_valid])
+            if self.length <= self.policy.max_tokens < self.n_slots:  # a prefill chunk grew the buffers
+                self._allocate(self._slots["keys"], self._slots["values"], self.policy.max_tokens)
         return out.transpose(1, 2).contiguous()
 
     def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
