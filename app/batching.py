@@ -9,8 +9,9 @@ to the session's batch-1 cache (what snapshots save and the next turn prefills o
 
 Idle sessions therefore never hold a row: on a CPU a held row costs compute in every forward, and the next turn
 starts with a prefill on the batch-1 cache anyway. The pool grows by doubling up to `max_batch` rows and halves when
-a quarter of it is in use, so a lone stream runs at batch-1 speed. Generations that find the pool full, or whose
-policy differs from the pool's (one pool per policy, bounded policies only), decode on their own cache this round.
+a quarter of it is in use, so a lone stream runs at batch-1 speed. A turn starts its prefill only while fewer than `max_batch`
+generations have started, so it waits for a row before its first token rather than mid-stream. Generations whose
+policy differs from the pool's (one pool per policy, bounded policies only) decode on their own cache.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class Batcher:
         running: list[Generation] = []
         pooled: list[Generation] = []
         budget = engine._settings.prefill_chunk
+        seats = sum(1 for g in active if g in self.pool.rows or g.n_fed)
         for g in active:
             try:
                 if g.cancelled:
@@ -146,9 +148,10 @@ class Batcher:
                     engine._finish(g, "cancelled")
                     continue
                 if g.n_fed < len(g.prompt_ids):
-                    if budget <= 0:
-                        running.append(g)
+                    if budget <= 0 or (not g.n_fed and seats >= self.pool.max_rows):
+                        running.append(g)  # waits for the budget, or before its first token for a row
                         continue
+                    seats += not g.n_fed
                     budget -= min(engine._settings.prefill_chunk, len(g.prompt_ids) - g.n_fed)
                     if engine._step(g):
                         continue

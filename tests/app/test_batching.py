@@ -1,6 +1,6 @@
 """Continuous batching through the engine API: batched and per-session forwards give the same tokens (greedy and
 seeded sampling), with rows of different lengths that evict mid-batch, sessions joining and leaving mid-generation,
-a full pool, and turns that leave the pool and come back."""
+a full pool (new turns wait for a row), and turns that leave the pool and come back."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_sessions_join_and_leave_mid_generation(tiny_model, batch_sizes):
     assert grew_after_shrinking, batch_sizes
 
 
-def test_a_full_pool_decodes_the_overflow_alone_and_lets_it_join_later(tiny_model, batch_sizes):
+def test_a_full_pool_holds_new_turns_back_until_a_row_frees(tiny_model, batch_sizes):
     conversations = {f"s{i}": [f"hello {i}", "again"] for i in range(5)}
     max_new = {f"s{i}": 6 + 5 * i for i in range(5)}
     alone, _ = converse(tiny_model, conversations, GREEDY, max_new, batching=False)
