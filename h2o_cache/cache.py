@@ -154,6 +154,8 @@ class H2OLayer(CacheLayerMixin):
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         new_valid = self.new_valid if self.has_padding else None
         mask = self._mask(q)
+        if self.policy.score_mode == "ema" and self.policy.needs_scores:
+            self.slot("scores").mul_(self.policy.decay**q)
         if self.policy.needs_scores and q == 1:
             out = self._decode_with_scores(query, mask, scale, new_valid)
         else:

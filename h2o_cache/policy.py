@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-ScoreMode = Literal["sum", "mean"]
-SCORE_MODES: tuple[str, ...] = ("sum", "mean")
+ScoreMode = Literal["sum", "mean", "ema"]
+SCORE_MODES: tuple[str, ...] = ("sum", "mean", "ema")
 DEFAULT_SCORE_MODE: ScoreMode = "mean"
+DEFAULT_DECAY = 0.98
 DEFAULT_SLACK = 64
 DEFAULT_CHUNK = 512
 
@@ -35,7 +36,10 @@ class CachePolicy:
         n_recent: newest tokens always kept.
         capacity: tokens kept after an eviction (``None`` for ``full``).
         score_mode: ``"sum"`` ranks heavy hitters by summed attention (the paper); ``"mean"`` divides by the number
-            of queries that saw the token, which stops old tokens winning just because they are old.
+            of queries that saw the token, which stops old tokens winning just because they are old; ``"ema"``
+            decays the accumulated attention by ``decay`` per new token, so attention that recent queries pay counts
+            most (``decay`` 1 is ``sum``).
+        decay: per-token decay of the ``ema`` score.
         slack: extra tokens the cache may hold before it is cut back to ``capacity`` in one gather (0 = every step).
         chunk_size: prompt tokens per forward during prefill, so long prompts run in bounded memory.
         rolling: reassign positions inside the cache (re-rotating kept keys), so positions never exceed
@@ -47,6 +51,7 @@ class CachePolicy:
     n_recent: int = 0
     capacity: int | None = None
     score_mode: ScoreMode = DEFAULT_SCORE_MODE
+    decay: float = DEFAULT_DECAY
     slack: int = DEFAULT_SLACK
     chunk_size: int = DEFAULT_CHUNK
     rolling: bool = True
@@ -59,6 +64,8 @@ class CachePolicy:
         for field in ("n_sink", "n_recent", "slack"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.kind == "full":
@@ -97,7 +104,7 @@ class CachePolicy:
     @classmethod
     def parse(cls, name: str, **options) -> CachePolicy:
         """Build a policy from its name (``full``, ``baseline``, ``streaming_8_256``, ``h2o_8_32_256``);
-        ``options`` set the remaining fields (score_mode, slack, chunk_size, rolling)."""
+        ``options`` set the remaining fields (score_mode, decay, slack, chunk_size, rolling)."""
         match = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
         if match is None:
             raise ValueError(

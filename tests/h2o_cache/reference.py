@@ -38,7 +38,7 @@ class HeadState:
         self.obs: dict[int, int] = {}
 
     def score(self, token: int, mode: str) -> float:
-        return self.acc[token] if mode == "sum" else self.acc[token] / max(self.obs[token], 1)
+        return self.acc[token] / max(self.obs[token], 1) if mode == "mean" else self.acc[token]
 
     def evict(self, policy: CachePolicy, n_keep: int) -> None:
         sinks = self.kept[: policy.n_sink]
@@ -90,6 +90,9 @@ class ReferencePolicy:
         for h, state in enumerate(self.heads[module.layer_idx]):
             if len(state.kept) > cap and len(state.kept) + q > cap + max(slack, q):
                 state.evict(policy, cap)
+            if policy.score_mode == "ema":
+                for k in state.kept:
+                    state.acc[k] *= policy.decay**q
             state.kept += new
             for t in new:
                 state.acc[t], state.obs[t] = 0.0, 0

@@ -33,6 +33,7 @@ def test_baseline_is_full_and_sizes_derive():
         ("h2o_8_32_256", {"slack": -1}, "slack must be >= 0"),
         ("h2o_8_32_256", {"chunk_size": 0}, "chunk_size must be >= 1"),
         ("h2o_8_32_256", {"score_mode": "max"}, "unknown score_mode"),
+        ("h2o_8_32_256", {"decay": 1.5}, "decay must be in"),
     ],
 )
 def test_bad_configurations_raise_value_error(name, options, message):

@@ -17,6 +17,7 @@ CASES = [
     ("h2o_4_6_24", dict(score_mode="mean", slack=0)),
     ("h2o_2_6_20", dict(score_mode="mean", slack=5)),
     ("h2o_2_6_20", dict(score_mode="sum", slack=5)),
+    ("h2o_2_6_20", dict(score_mode="ema", decay=0.9, slack=5)),
 ]
 
 
