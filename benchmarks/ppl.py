@@ -74,7 +74,8 @@ def ppl_pass(pool: Pool, rows: list[str], n_tokens: int, step: int, segment: int
     return results
 
 
-def timing_pass(pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps: int, desc: str = "timing") -> list[dict]:
+def timing_pass(pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps: int,
+                desc: str = "timing") -> list[dict]:
     """Interleaved generation timing: rep after rep, every config once per rep. Medians over reps/tokens."""
     n = len(pool.specs)
     raw = [[] for _ in range(n)]
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
         args.configs = args.configs if args.configs != SEED_CONFIGS else SMOKE_CONFIGS
         args.tokens, args.prompt, args.new, args.reps = min(args.tokens, 256), 96, 8, 1
     report.apply_smoke(args)
-    started = time.time()
+    started, git_at_start = time.time(), report.git_state()
     configs = [parse_config(c) for c in (args.configs + "," + args.extra).split(",") if c.strip()]
     rows = expand_texts(args.texts)
     with Pool(make_specs(args, configs), inline=args.inline) as pool:
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     table = render(results, rows, args)
     (out / f"{args.name}.md").write_text(table)
-    report.write_json(out / f"{args.name}.json", {"meta": report.meta(args, started), "args": vars(args),
+    report.write_json(out / f"{args.name}.json", {"meta": report.meta(args, started, git_at_start), "args": vars(args),
                                                  "rows": rows, "results": results})
     plot(out / f"{args.name}.png", results)
     print(table)

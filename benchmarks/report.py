@@ -46,18 +46,24 @@ def apply_smoke(args) -> None:
         args.model, args.inline = SMOKE_MODEL, True
 
 
-def meta(args, started: float) -> dict:
-    """Where and how a result was produced."""
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def _git(*cmd) -> str:
+    try:
+        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
+
+def git_state() -> dict:
+    """The library version a run loads: call at its start (the library may change while a long run goes)."""
+    return {"git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty_library": bool(_git("status", "--porcelain", "--", "h2o_cache"))}
+
+
+def meta(args, started: float, git_at_start: dict | None = None) -> dict:
+    """Where and how a result was produced."""
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", Path(sys.argv[0]).stem, *sys.argv[1:]]),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_library": bool(git("status", "--porcelain", "--", "h2o_cache")),
+        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
+        **(git_at_start or git_state()),
         "model": args.model, "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "threads_per_worker": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(), "wall_s": round(time.time() - started, 1),
