@@ -156,12 +156,12 @@ class H2OLayer(CacheLayerMixin):
         mask = self._mask(q)
         if self.policy.score_mode == "ema" and self.policy.needs_scores:
             self.slot("scores").mul_(self.policy.decay**q)
-        if self.policy.needs_scores and q == 1:
+        if not self.policy.needs_scores:
+            out = self._sdpa(query, mask, scale)
+        elif q == 1:
             out = self._decode_with_scores(query, mask, scale, new_valid)
         else:
-            out = self._sdpa(query, mask, scale)
-            if self.policy.needs_scores:
-                self._score_prefill(query, mask, scale, new_valid)
+            out = self._prefill_with_scores(query, mask, scale, new_valid)
         cap = self.policy.capacity
         if cap is not None and max(self.row_valid) > cap + self.policy.slack:
             self._compact([cap if v > cap + self.policy.slack else v for v in self.row_valid])
@@ -198,22 +198,27 @@ class H2OLayer(CacheLayerMixin):
         out = torch.matmul(probs.to(self.values.dtype), self.values)  # (b, hk, g, d)
         return out.view(b, hq, 1, d)
 
-    def _score_prefill(
-        self, query: torch.Tensor, mask: torch.Tensor | None, scale: float, new_valid: torch.Tensor | None
-    ) -> None:
-        """Attention mass per slot from a multi-token query, in query blocks: never a full q x n matrix."""
+    def _prefill_with_scores(
+        self, query: torch.Tensor, mask: torch.Tensor, scale: float, new_valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Several query tokens, in query blocks (never a full q x n matrix): each block's probabilities give both
+        its output and the attention mass it adds to every slot."""
         b, hq, q, d = query.shape
         hk, n = self.keys.shape[1], self.length
-        qg = query.view(b, hk, hq // hk, q, d)
+        qg = query.view(b, hk, hq // hk, q, d) * scale
         keys_t = self.keys.transpose(-1, -2)[:, :, None]  # (b, hk, 1, d, n)
+        values = self.values[:, :, None]  # (b, hk, 1, n, d)
         block = max(1, _SCORE_BLOCK_ELEMENTS // max(1, b * hq * n))
         scores = self.slot("scores")
+        outputs = []
         for i0 in range(0, q, block):
             i1 = min(q, i0 + block)
-            logits = torch.matmul(qg[:, :, :, i0:i1], keys_t).float() * scale  # (b, hk, g, blk, n)
+            logits = torch.matmul(qg[:, :, :, i0:i1], keys_t)  # (b, hk, g, blk, n)
             logits = logits.masked_fill(~mask[:, :, None, i0:i1], float("-inf"))
-            qvalid = None if new_valid is None else new_valid[:, i0:i1]
-            scores.add_(pool_group_attention(logits.softmax(dim=-1), qvalid))
+            probs = logits.softmax(dim=-1, dtype=torch.float32)
+            scores.add_(pool_group_attention(probs, None if new_valid is None else new_valid[:, i0:i1]))
+            outputs.append(torch.matmul(probs.to(values.dtype), values))  # (b, hk, g, blk, d)
+        return torch.cat(outputs, dim=3).view(b, hq, q, d)
 
     # -- eviction ------------------------------------------------------------------------------------------------
 
