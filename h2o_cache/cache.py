@@ -327,7 +327,7 @@ class H2OLayer(CacheLayerMixin):
             src = self.slot(name)[row]
             picked = src.gather(1, index if src.dim() == 2 else index[..., None].expand(-1, -1, src.shape[-1]))
             tensor[0, :, :n] = picked
-        layer.length, layer.seen = n, self.seen
+        layer.length, layer.seen = n, int(self._valid_seen[row])  # the pool's count includes other rows' padding
         layer._valid_seen = self._valid_seen[row : row + 1].clone()
         layer.row_valid, layer.row_evicted = [n], [self.row_evicted[row]]
         layer._refresh_views()
