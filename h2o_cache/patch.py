@@ -128,7 +128,7 @@ def _chunked_forward(original, cache: H2OCache, kwargs: dict[str, Any]):
             step["attention_mask"] = mask[:, : mask.shape[1] - q + end]
         if end < q and keep != 0:
             step["logits_to_keep"] = 1  # only the last chunk's logits are returned
-        out = _step(original, cache, step)
+        out = _step(original, cache, step, name)
         if keep == 0 and getattr(out, "logits", None) is not None:
             all_logits.append(out.logits)
     if len(all_logits) > 1:
@@ -136,8 +136,8 @@ def _chunked_forward(original, cache: H2OCache, kwargs: dict[str, Any]):
     return out
 
 
-def _step(original, cache: H2OCache, kwargs: dict[str, Any]):
-    name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+def _step(original, cache: H2OCache, kwargs: dict[str, Any], name: str):
+    """One forward of at most ``chunk_size`` tokens: room in the cache, positions from it, the hook marked active."""
     inputs = kwargs[name]
     q = inputs.shape[1]
     mask = kwargs.get("attention_mask")
