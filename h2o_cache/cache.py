@@ -26,6 +26,14 @@ from h2o_cache.scoring import heavy_hitter_score, pool_group_attention, select_k
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 
 
+def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Pick slots along the slot dim (the one after the KV-head dim) of a per-slot tensor, with or without a
+    trailing feature dim: ``index`` has the tensor's shape up to and including the slot dim."""
+    if tensor.dim() == index.dim():
+        return tensor.gather(index.dim() - 1, index)
+    return tensor.gather(index.dim() - 1, index[..., None].expand(*index.shape, tensor.shape[-1]))
+
+
 class H2OLayer(CacheLayerMixin):
     """One layer's bounded cache. ``keys``/``values`` are views ``(batch, kv_heads, n_slots, head_dim)`` of the
     slots in use; ``seen`` counts every token appended (the sequence length transformers sees)."""
@@ -125,8 +133,7 @@ class H2OLayer(CacheLayerMixin):
         if "scores" in s:
             s["scores"][:, :, start:end] = 0
         self.length, self.seen = end, self.seen + q
-        counts = self.new_counts or [q] * len(self.row_valid)
-        self.row_valid = [v + c for v, c in zip(self.row_valid, counts)]
+        self.row_valid = [v + c for v, c in zip(self.row_valid, self._new_counts(q))]
         self._refresh_views()
         attention.set_active_layer(self)
         return self.keys, self.values
@@ -228,7 +235,7 @@ class H2OLayer(CacheLayerMixin):
         cap, slack = self.policy.capacity, self.policy.slack
         if cap is None or not self.is_initialized:
             return
-        counts = self.new_counts or [q] * len(self.row_valid)
+        counts = self._new_counts(q)
         n_keep = [cap if v > cap and v + c > cap + max(slack, c) else v for v, c in zip(self.row_valid, counts)]
         if n_keep != self.row_valid:
             self._compact(n_keep)
@@ -247,9 +254,7 @@ class H2OLayer(CacheLayerMixin):
         keep, keep_valid = select_kept(self.policy, valid, score, n_keep)
         kept = {}
         for name, tensor in self._slots.items():
-            used = tensor[:, :, : self.length]
-            index = keep if used.dim() == 3 else keep[..., None].expand(-1, -1, -1, used.shape[-1])
-            kept[name] = used.gather(2, index)
+            kept[name] = _gather_slots(tensor[:, :, : self.length], keep)
         if keep_valid is not None:
             kept["valid"] &= keep_valid
             self.has_padding = True
@@ -263,6 +268,10 @@ class H2OLayer(CacheLayerMixin):
         self.row_valid = list(n_keep)
         self.length = target
         self._refresh_views()
+
+    def _new_counts(self, q: int) -> list[int]:
+        """Valid tokens per row in the current forward (all ``q`` unless padding flags said otherwise)."""
+        return self.new_counts or [q] * len(self.row_valid)
 
     def valid_counts(self) -> torch.Tensor:
         """``(batch,)`` valid slots per row (equal across KV heads)."""
@@ -306,9 +315,7 @@ class H2OLayer(CacheLayerMixin):
         start = self.length - n
         self._slots["valid"][row, :, :start] = False
         for name, tensor in self._slots.items():
-            src = source.slot(name)[0]
-            picked = src.gather(1, index if src.dim() == 2 else index[..., None].expand(-1, -1, src.shape[-1]))
-            tensor[row, :, start : self.length] = picked
+            tensor[row, :, start : self.length] = _gather_slots(source.slot(name)[0], index)
         self._valid_seen[row] = source._valid_seen[0]
         self.row_valid[row], self.row_evicted[row] = n, source.row_evicted[0]
         self.has_padding = True
@@ -324,9 +331,7 @@ class H2OLayer(CacheLayerMixin):
         if n > layer.n_slots:
             layer._allocate(keys, self.slot("values")[row : row + 1], n)
         for name, tensor in layer._slots.items():
-            src = self.slot(name)[row]
-            picked = src.gather(1, index if src.dim() == 2 else index[..., None].expand(-1, -1, src.shape[-1]))
-            tensor[0, :, :n] = picked
+            tensor[0, :, :n] = _gather_slots(self.slot(name)[row], index)
         layer.length, layer.seen = n, int(self._valid_seen[row])  # the pool's count includes other rows' padding
         layer._valid_seen = self._valid_seen[row : row + 1].clone()
         layer.row_valid, layer.row_evicted = [n], [self.row_evicted[row]]
