@@ -1,6 +1,7 @@
 """Scheduler behaviour over HTTP: fair interleaving, end-of-turn and stop strings, failures, session limits."""
 
 import copy
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,23 +12,32 @@ import app.engine
 from tests.app.conftest import generate, sse_events
 
 
-def timed_tokens(server, session_id: str, max_new_tokens: int) -> list[float]:
+def timed_tokens(server, session_id: str, max_new_tokens: int, started: threading.Event | None = None) -> list[float]:
+    times = []
     with server.client() as client, client.stream(
         "POST", f"/sessions/{session_id}/generate", json={"message": "go", "max_new_tokens": max_new_tokens}
     ) as response:
-        return [time.monotonic() for event, _ in sse_events(response) if event == "token"]
+        for event, _ in sse_events(response):
+            if event == "token":
+                times.append(time.monotonic())
+                if started is not None:
+                    started.set()
+    return times
 
 
 def test_concurrent_sessions_interleave_token_by_token(server):
+    # a is long and b short; b is sent once a has streamed its first token, so no timing guess is involved.
+    a_started = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(timed_tokens, server, "fair-a", 30)
-        time.sleep(0.3)
+        first = pool.submit(timed_tokens, server, "fair-a", 400, a_started)
+        assert a_started.wait(60)
         second = pool.submit(timed_tokens, server, "fair-b", 30)
         a, b = first.result(), second.result()
-    assert len(a) == len(b) == 30
-    # b starts while a is running and both then advance together, one token each per round.
-    assert b[0] < a[-1]
-    assert sum(a[0] < t < a[-1] for t in b) >= 10
+    assert len(a) == 400 and len(b) == 30
+    # Round-robin: b is not queued behind a's 400 tokens, it streams all of its tokens while a is still running,
+    # and a keeps advancing meanwhile (one token each per round).
+    assert a[0] < b[0] and b[-1] < a[-1]
+    assert sum(b[0] < t < b[-1] for t in a) >= 20
 
 
 def test_stop_string_ends_the_reply_without_emitting_it(server):
