@@ -27,7 +27,6 @@ from app.engine import (
     Generation,
     GenerationError,
     QueueFullError,
-    SamplingParams,
     SessionBusyError,
 )
 from app.metrics import Metrics
@@ -43,6 +42,7 @@ from app.protocol import (
     TokenEvent,
     TurnResult,
 )
+from app.sampling import SamplingParams
 from app.sessions import Session, SessionLimitError, SessionStore
 from app.settings import Settings
 from app.snapshots import SnapshotCorruptError

@@ -10,7 +10,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +18,7 @@ from app.batching import Batcher
 from app.chat import Message, turn_delta
 from app.metrics import Metrics
 from app.protocol import TokenEvent, TurnResult, Usage
+from app.sampling import SamplingParams, sample
 from app.sessions import Session
 from app.settings import Settings
 from app.textstream import TextStream
@@ -41,40 +41,6 @@ class SessionBusyError(Exception):
 
 class GenerationError(Exception):
     """A generation failed inside the worker; the session was rolled back to its last turn."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           suppress_ids: list[int]) -> int:
-    """Pick the next token from `logits` (vocab,): greedy when temperature is 0, else top-k, then nucleus
-    (top-p), then a draw from `generator`. `suppress_ids` can never be picked."""
-    logits = logits.float()
-    if suppress_ids:
-        logits = logits.index_fill(0, torch.tensor(suppress_ids, device=logits.device), float("-inf"))
-    if params.temperature == 0:
-        return int(logits.argmax())
-    # Shift first and divide in float64: any temperature > 0 the API accepts (1e-300 is 0 in float32) then sends
-    # the other tokens to -inf and keeps the best at 0, instead of producing inf - inf = nan.
-    logits = (logits - logits.max()).double() / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        beyond = probs.cumsum(-1) - probs > params.top_p  # tokens after the nucleus reached top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(beyond, float("-inf")))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
 class Generation:

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from app.engine import Engine, SamplingParams
+from app.engine import Engine
+from app.sampling import SamplingParams
 from app.metrics import Metrics
 from app.sessions import Session
 from app.settings import Settings

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from app.batching import SlotPool
-from app.engine import Engine, SamplingParams
+from app.engine import Engine
+from app.sampling import SamplingParams
 from app.metrics import Metrics
 from app.sessions import Session
 from app.settings import Settings

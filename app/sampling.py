@@ -1,0 +1,68 @@
+"""Per-request sampling: temperature, top-k, nucleus (top-p), seeds and suppressed tokens.
+
+It runs once per generated token and row, next to a batched forward that costs a few hundred ms for 16 rows on a
+CPU, so it must stay cheap: a float64 sort of SmolLM2's 49k-token vocabulary per row used to cost ~14 ms, more than
+the forward's share of a row. The nucleus is therefore looked for among the top few hundred tokens first, and the
+whole vocabulary is sorted only when the nucleus is wider than that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# float32 logits that differ at all differ by more than 1e-30 relative to their size, so a larger 1/temperature
+# (temperature 1e-300 is allowed) separates nothing more; it only has to stay finite to keep 0 * (1/T) = 0.
+_MAX_INV_TEMPERATURE = 1e30
+_NUCLEUS_PROBE = 256  # top tokens searched for the nucleus before falling back to a full sort
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tokens a draw may pick and their probabilities: ``(ids, probs)``, best first, or ``(None, probs)`` over
+    the whole vocabulary when neither top-k nor top-p restricts it. Temperature > 0."""
+    scaled = (logits.float() - logits.max()) * min(1.0 / params.temperature, _MAX_INV_TEMPERATURE)
+    vocab = scaled.numel()
+    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    if params.top_p >= 1.0:
+        if top_k == vocab:
+            return None, scaled.softmax(-1)
+        values, ids = scaled.topk(top_k)
+        return ids, values.softmax(-1)
+    # Nucleus over the top-k distribution: keep a token while the mass before it is <= top_p.
+    log_norm = scaled.logsumexp(-1) if top_k == vocab else None
+    values, ids = scaled.topk(min(top_k, _NUCLEUS_PROBE))
+    if log_norm is None:
+        log_norm = values.logsumexp(-1) if top_k <= _NUCLEUS_PROBE else scaled.topk(top_k).values.logsumexp(-1)
+    probs = (values - log_norm).exp()
+    mass_before = probs.cumsum(-1) - probs
+    if mass_before[-1] <= params.top_p and len(values) < top_k:  # the nucleus reaches past the probe
+        values, ids = scaled.topk(top_k)
+        probs = (values - log_norm).exp()
+        mass_before = probs.cumsum(-1) - probs
+    keep = int((mass_before <= params.top_p).sum())
+    return ids[:keep], values[:keep].softmax(-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           suppress_ids: list[int]) -> int:
+    """Pick the next token from `logits` (vocab,): greedy when temperature is 0, else a draw from `generator`
+    among `candidates`. `suppress_ids` can never be picked."""
+    if suppress_ids:
+        logits = logits.index_fill(0, torch.tensor(suppress_ids, device=logits.device), float("-inf"))
+    if params.temperature == 0:
+        return int(logits.argmax())
+    ids, probs = candidates(logits, params)
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return choice if ids is None else int(ids[choice])
