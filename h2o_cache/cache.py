@@ -1,12 +1,12 @@
 """Bounded KV cache storage: one :class:`H2OLayer` per model layer inside an :class:`H2OCache`.
 
-Each layer preallocates ``capacity + slack`` slots and writes new tokens in place (a prefill chunk grows them to
-``capacity + chunk`` for that forward only). Next to the keys and values it keeps, per (batch row, KV head, slot):
+Each layer preallocates ``capacity + slack`` slots (another ``slack`` when rows hold padding, as in a pool) and
+writes new tokens in place (a prefill chunk grows them to ``capacity + chunk`` for that forward only). Next to the keys and values it keeps, per (batch row, KV head, slot):
 the token's original position (its rank among the row's valid tokens), a validity flag (padding) and the
 accumulated attention. In ``mean`` mode the number of queries that saw a slot is derived, not stored: every valid
 query after a token sees it, so it is ``valid tokens seen - position``. When a row grows past ``capacity + slack``
-it is cut back to ``capacity`` in one gather; with position rolling the surviving keys are re-rotated so that a
-slot's position is its rank among the row's valid slots.
+it is cut back to ``capacity`` in one gather of that row alone; with position rolling the surviving keys are
+re-rotated so that a slot's position is its rank among the row's valid slots.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class H2OLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
         policy = self.policy
-        n = policy.max_tokens if policy.capacity else 256
+        n = self._steady_slots if policy.capacity else 256
         self._allocate(key_states, value_states, max(n, key_states.shape[-2]))
 
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, n_slots: int) -> None:
@@ -84,6 +84,14 @@ class H2OLayer(CacheLayerMixin):
             new[name][:, :, : self.length] = old[:, :, : self.length]
         self._slots = new
         self._refresh_views()
+
+    @property
+    def _steady_slots(self) -> int:
+        """Slots a bounded layer keeps between prefill chunks: ``capacity + slack`` (at least one over capacity: a
+        decode appends before it cuts), plus another ``slack`` of headroom when rows may hold padding (a pool),
+        so that the rows' cuts at different steps leave gaps that need squeezing out only every ``slack`` steps."""
+        p = self.policy
+        return p.capacity + max(p.slack, 1) + (p.slack if self.has_padding else 0)
 
     def _refresh_views(self) -> None:
         self.keys = self._slots["keys"][:, :, : self.length]
@@ -107,10 +115,11 @@ class H2OLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.length + q > self.n_slots and self.has_padding and self.policy.capacity is not None:
+        bounded = self.policy.capacity is not None
+        if self.length + q > self.n_slots and self.has_padding and bounded and self.n_slots >= self._steady_slots:
             self._compact(list(self.row_valid))  # drop padding slots only
         if self.length + q > self.n_slots:
-            grow = self.length + q if self.policy.capacity else max(self.length + q, 2 * self.n_slots)
+            grow = max(self.length + q, self._steady_slots if bounded else 2 * self.n_slots)
             self._allocate(key_states, value_states, grow)
         start, end = self.length, self.length + q
         s = self._slots
@@ -172,8 +181,8 @@ class H2OLayer(CacheLayerMixin):
         cap = self.policy.capacity
         if cap is not None and max(self.row_valid) > cap + self.policy.slack:
             self._compact([cap if v > cap + self.policy.slack else v for v in self.row_valid])
-            if self.length <= self.policy.max_tokens < self.n_slots:  # a prefill chunk grew the buffers
-                self._allocate(self._slots["keys"], self._slots["values"], self.policy.max_tokens)
+            if self.length <= self._steady_slots < self.n_slots:  # a prefill chunk grew the buffers
+                self._allocate(self._slots["keys"], self._slots["values"], self._steady_slots)
         return out.transpose(1, 2).contiguous()
 
     def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -241,33 +250,54 @@ class H2OLayer(CacheLayerMixin):
             self._compact(n_keep)
 
     def _compact(self, n_keep: list[int]) -> None:
-        """Keep, per row, the ``n_keep[row]`` best valid slots (per KV head) in one gather; re-rotate keys when
-        rolling. Rows share the new length ``max(n_keep)``; a shorter row's extra slots become padding."""
-        valid = self.slot("valid")
+        """Keep, per row, the ``n_keep[row]`` best valid slots (per KV head); re-rotate keys when rolling.
+
+        When only some rows are cut (a pool whose rows reach their budget at different steps), only those rows are
+        gathered, and written back right-aligned so the other rows and the shared length stay as they are: a
+        row's eviction costs one row's worth of work, not the whole pool's. Otherwise every row is gathered to
+        the front and the length becomes ``max(n_keep)`` (a shorter row's extra slots become padding)."""
+        cut = [r for r, (k, v) in enumerate(zip(n_keep, self.row_valid)) if k < v]
+        if cut and len(cut) < len(n_keep):
+            rows = torch.tensor(cut, device=self.device)
+            kept = self._keep({name: t[rows, :, : self.length] for name, t in self._slots.items()},
+                              self._valid_seen[rows], [n_keep[r] for r in cut], rotate=True)
+            start = self.length - kept["keys"].shape[2]
+            for name, tensor in kept.items():
+                self._slots[name][rows, :, start : self.length] = tensor
+            self._slots["valid"][rows, :, :start] = False
+            self.has_padding = True
+        else:
+            kept = self._keep({name: t[:, :, : self.length] for name, t in self._slots.items()}, self._valid_seen,
+                              n_keep, rotate=bool(cut))
+            target = max(n_keep)
+            for name, tensor in kept.items():
+                self._slots[name][:, :, :target] = tensor
+            self.length = target
+        self.row_evicted = [e + v - k for e, v, k in zip(self.row_evicted, self.row_valid, n_keep)]
+        self.row_valid = list(n_keep)
+        self._refresh_views()
+
+    def _keep(self, slots: dict[str, torch.Tensor], valid_seen: torch.Tensor, n_keep: list[int],
+              rotate: bool) -> dict[str, torch.Tensor]:
+        """The surviving slots of ``slots`` (per-slot tensors of some rows), gathered in order. Keys are
+        re-rotated to their new rank when rolling and ``rotate`` (dropping padding alone changes no rank)."""
+        valid = slots["valid"]
         score = None
         if self.policy.needs_scores:
             observers = None
             if self.policy.score_mode == "mean":
-                observers = (self._valid_seen[:, None, None] - self.slot("position")).float()
-            score = heavy_hitter_score(self.slot("scores"), observers)
-        target = max(n_keep)
+                observers = (valid_seen[:, None, None] - slots["position"]).float()
+            score = heavy_hitter_score(slots["scores"], observers)
         keep, keep_valid = select_kept(self.policy, valid, score, n_keep)
-        kept = {}
-        for name, tensor in self._slots.items():
-            kept[name] = _gather_slots(tensor[:, :, : self.length], keep)
+        kept = {name: _gather_slots(tensor, keep) for name, tensor in slots.items()}
         if keep_valid is not None:
             kept["valid"] &= keep_valid
             self.has_padding = True
-        if self.rotary is not None:
+        if self.rotary is not None and rotate:
             old_pos = (valid.long().cumsum(-1) - 1).gather(2, keep)
             new_pos = kept["valid"].long().cumsum(-1) - 1
             kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
-        for name, tensor in kept.items():
-            self._slots[name][:, :, :target] = tensor
-        self.row_evicted = [e + v - k for e, v, k in zip(self.row_evicted, self.row_valid, n_keep)]
-        self.row_valid = list(n_keep)
-        self.length = target
-        self._refresh_views()
+        return kept
 
     def _new_counts(self, q: int) -> list[int]:
         """Valid tokens per row in the current forward (all ``q`` unless padding flags said otherwise)."""
@@ -287,9 +317,9 @@ class H2OLayer(CacheLayerMixin):
     def init_empty(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate ``batch`` empty rows (all slots padding), for a pool that sessions join and leave."""
         empty = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.has_padding = True
         self.lazy_initialization(empty, empty)
         self._slots["valid"].fill_(False)
-        self.has_padding = True
 
     def _valid_index(self, row: int) -> torch.Tensor:
         """``(kv_heads, n)`` slot indices of ``row``'s valid tokens, in order."""

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablate, ppl, speed, stress
+from benchmarks import ablate, eviction, ppl, speed, stress
 from benchmarks.runner import Session, Spec
+from h2o_cache import CachePolicy
 
 
 def table_shape(markdown: str) -> tuple[list[str], list[list[str]]]:
@@ -69,6 +70,28 @@ def test_stress_smoke(tmp_path):
     assert max(bounded) == min(bounded)  # bounded cache: constant allocation
     for name in ("ppl", "tpot", "kv", "rss"):
         assert (tmp_path / f"stress_{name}.png").stat().st_size > 0
+
+
+def test_eviction_smoke(tmp_path):
+    eviction.main(["--smoke", "--out", str(tmp_path)])
+    header, rows = table_shape((tmp_path / "eviction.md").read_text())
+    assert header == ["Rows", "Variant", "Per layer-step (us)", "Per model step (ms)"]
+    one_row = ["overwrite (no rolling)", "gather, slack 0", "gather, slack 16", "gather, slack 64"]
+    four_rows = ["overwrite (no rolling)", "gather, slack 0", "gather, slack 16", "gather, slack 16, rows out of phase",
+                 "gather, slack 64", "gather, slack 64, rows out of phase"]
+    assert [(r[0], r[1]) for r in rows] == [("1", v) for v in one_row] + [("4", v) for v in four_rows]
+    assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_the_overwrite_variant_keeps_what_the_policy_keeps():
+    policy = CachePolicy.parse("h2o_4_8_32")
+    layer = eviction.OverwriteLayer(policy, rows=2, kv_heads=2, head_dim=8)
+    for _ in range(100):
+        layer.step(torch.randn(2, 4, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    positions = layer.position.sort(-1).values
+    assert positions.shape[-1] == 32 and (positions[..., 1:] > positions[..., :-1]).all()  # capacity, no slot twice
+    assert (positions[..., :4] == torch.arange(4)).all()  # sinks
+    assert (positions[..., -8:] == torch.arange(92, 100)).all()  # recent window
 
 
 @pytest.mark.parametrize("policy", ["baseline", "streaming_4_64", "h2o_4_16_64"])
