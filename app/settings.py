@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     dtype: str | None = Field(None, description="fp32, bf16, fp16, int8 (weight-only Linear, CPU) or auto; default: "
                               "fp32 on CPU, fp16 on CUDA")
 
-    policy: str = Field("h2o_4_128_512", description="cache policy of sessions that do not pick one")
+    policy: str = Field("h2o_4_256_512", description="cache policy of sessions that do not pick one")
     policy_slack: int = Field(64, ge=0, description="tokens a cache may overshoot its capacity before eviction")
     max_policy_tokens: int = Field(8192, ge=1, description="largest capacity + slack a session may ask for")
     allow_full_policy: bool = Field(False, description="allow the unbounded 'full' policy")

@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--new", type=int, default=256, help="tokens per reply")
     parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--policy", default="h2o_4_128_512")
+    parser.add_argument("--policy", default="h2o_4_256_512")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--held", type=int, default=64, help="sessions held for the memory run")
     parser.add_argument("--held-turns", type=int, default=3)

@@ -112,7 +112,7 @@ def model_shapes(model: str) -> tuple[int, int, int, int, RotaryDelta]:
 
 def main(argv=None) -> None:
     parser = report.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--policy", default="h2o_4_128_512")
+    parser.add_argument("--policy", default="h2o_4_256_512")
     parser.add_argument("--rows", default="1,16", help="batch rows (pool sizes) to time")
     parser.add_argument("--slacks", default="0,16,64", help="slack values of the gather variant")
     parser.add_argument("--steps", type=int, default=256, help="timed decode steps per variant")

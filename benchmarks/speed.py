@@ -19,7 +19,7 @@ from benchmarks.workers import Pool
 
 def main(argv=None) -> None:
     parser = report.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="baseline,h2o_4_128_512,streaming_4_512",
+    parser.add_argument("--configs", default="baseline,h2o_4_256_512,streaming_4_512",
                         help="the first is the reference for the ratios")
     parser.add_argument("--contexts", default="1024,2048,4096,8192", help="prompt lengths in tokens")
     parser.add_argument("--text", default="moby", help="text row the prompts are cut from")
