@@ -356,7 +356,7 @@ class H2OLayer(CacheLayerMixin):
         layer = H2OLayer(self.policy, self.rotary)
         index = self._valid_index(row)
         keys = self.slot("keys")[row : row + 1]
-        layer.lazy_initialization(keys, self.slot("values")[row : row + 1])
+        layer.lazy_initialization(keys[:, :, :0], self.slot("values")[row : row + 1, :, :0])  # a session's own size
         n = self.row_valid[row]
         if n > layer.n_slots:
             layer._allocate(keys, self.slot("values")[row : row + 1], n)

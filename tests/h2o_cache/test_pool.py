@@ -79,3 +79,29 @@ def test_extracted_row_continues_like_the_session_alone():
         tokens, logits = _alone(model, moved, int(out.argmax()), 19)
     assert [int(out.argmax())] + tokens == reference[0]
     torch.testing.assert_close(torch.stack([out] + logits), torch.stack(reference[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_pool_rows_cut_alone_and_leave_with_a_session_sized_buffer():
+    """Rows that reach their budget at different steps: each cut touches only its row, the pool's length stays under
+    capacity + 2 x slack (its headroom), and a row that leaves gets the buffer a session has (capacity + slack)."""
+    model = tiny_model("llama")
+    policy = dict(slack=6, chunk_size=16)
+    with torch.no_grad():
+        sessions = [make_cache(model, "h2o_4_6_24", **policy) for _ in range(3)]
+        for cache, n in zip(sessions, (10, 20, 28)):
+            model(torch.randint(0, VOCAB, (1, n)), past_key_values=cache, use_cache=True)
+        pool = H2OCache.pool(model, sessions[0].policy, batch=3, rotary=sessions[0].layers[0].rotary)
+        for row, cache in enumerate(sessions):
+            pool.insert(row, cache)
+        layer = pool.layers[0]
+        lengths, cuts = [], set()
+        for _ in range(40):
+            before = list(layer.row_evicted)
+            model(torch.randint(0, VOCAB, (3, 1)), past_key_values=pool, use_cache=True)
+            cut = [r for r in range(3) if layer.row_evicted[r] > before[r]]
+            cuts.add(len(cut))
+            lengths.append(layer.length)
+        moved = pool.extract(0)
+    assert 1 in cuts  # rows were cut one at a time
+    assert max(lengths) <= 24 + 2 * 6 and layer.n_slots == 24 + 2 * 6
+    assert all(lyr.n_slots == 24 + 6 for lyr in moved.layers)
