@@ -34,24 +34,27 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     the whole vocabulary when neither top-k nor top-p restricts it. Temperature > 0."""
     scaled = (logits.float() - logits.max()) * min(1.0 / params.temperature, _MAX_INV_TEMPERATURE)
     vocab = scaled.numel()
-    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    if 0 < params.top_k < vocab:  # the top-k distribution, best first; top-p then applies within it
+        values, ids = scaled.topk(params.top_k)
+        if params.top_p >= 1.0:
+            return ids, values.softmax(-1)
+        return _nucleus(values, ids, values.logsumexp(-1), params.top_p)
     if params.top_p >= 1.0:
-        if top_k == vocab:
-            return None, scaled.softmax(-1)
-        values, ids = scaled.topk(top_k)
-        return ids, values.softmax(-1)
-    # Nucleus over the top-k distribution: keep a token while the mass before it is <= top_p.
-    log_norm = scaled.logsumexp(-1) if top_k == vocab else None
-    values, ids = scaled.topk(min(top_k, _NUCLEUS_PROBE))
-    if log_norm is None:
-        log_norm = values.logsumexp(-1) if top_k <= _NUCLEUS_PROBE else scaled.topk(top_k).values.logsumexp(-1)
+        return None, scaled.softmax(-1)
+    log_norm = scaled.logsumexp(-1)
+    values, ids = scaled.topk(min(vocab, _NUCLEUS_PROBE))
     probs = (values - log_norm).exp()
-    mass_before = probs.cumsum(-1) - probs
-    if mass_before[-1] <= params.top_p and len(values) < top_k:  # the nucleus reaches past the probe
-        values, ids = scaled.topk(top_k)
-        probs = (values - log_norm).exp()
-        mass_before = probs.cumsum(-1) - probs
-    keep = int((mass_before <= params.top_p).sum())
+    if len(values) < vocab and probs[:-1].sum() <= params.top_p:  # the nucleus reaches past the probe
+        values, ids = scaled.sort(descending=True)
+    return _nucleus(values, ids, log_norm, params.top_p)
+
+
+def _nucleus(values: torch.Tensor, ids: torch.Tensor, log_norm: torch.Tensor,
+             top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of candidates sorted best first (log-probabilities ``values - log_norm``), those reached while the mass
+    before them is <= top_p, renormalised."""
+    probs = (values - log_norm).exp()
+    keep = int((probs.cumsum(-1) - probs <= top_p).sum())
     return ids[:keep], values[:keep].softmax(-1)
 
 
