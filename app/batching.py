@@ -39,7 +39,6 @@ class SlotPool:
         self.cache: H2OCache | None = None
         self.members: list[Generation | None] = []
         self.rows: dict[Generation, int] = {}
-        self.rebuilds = 0
 
     @property
     def n_rows(self) -> int:
@@ -76,10 +75,7 @@ class SlotPool:
         row = self.rows.get(g)
         if row is None:
             return
-        cache = self.cache.extract(row)
-        for layer in cache.layers:  # a pool counts every row's padding in `seen`; the session counts its own tokens
-            layer.seen = g.session.cache_tokens_seen
-        g.session.cache = cache
+        g.session.cache = self.cache.extract(row)
         self._free(g, row)
 
     def drop(self, g: Generation) -> None:
@@ -110,7 +106,6 @@ class SlotPool:
             new.insert(i, self.cache.extract(row))
             members[i], self.rows[g] = g, i
         self.cache, self.members = new, members
-        self.rebuilds += 1
 
     def forward(self, generations: list[Generation]) -> torch.Tensor:
         """Feed every member its last sampled token in one forward; return logits ``(n_rows, vocab)``."""

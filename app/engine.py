@@ -223,11 +223,10 @@ class Engine:
 
     def _step_all(self, active: list[Generation]) -> list[Generation]:
         """One scheduler round: advance each running generation by one step; return those still running."""
-        if self._batcher is not None:
-            with torch.inference_mode():
-                return self._batcher.step_all(active)
-        running = []
         with torch.inference_mode():
+            if self._batcher is not None:
+                return self._batcher.step_all(active)
+            running = []
             for generation in active:
                 try:
                     done = self._step(generation)
