@@ -21,9 +21,10 @@ import time
 from functools import partial
 
 import torch
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig
 
 from benchmarks import report
+from benchmarks.runner import SMOKE_MODEL, tiny_model
 from h2o_cache import CachePolicy
 from h2o_cache.cache import H2OLayer
 from h2o_cache.loading import resolve_model_path
@@ -98,9 +99,8 @@ def model_shapes(model: str) -> tuple[int, int, int, int, RotaryDelta]:
     """(layers, query heads, KV heads, head dim, rotary) of `model`, from its config alone (no weights)."""
     from transformers import AutoModelForCausalLM
 
-    if model == "tiny":
-        config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                             intermediate_size=16, vocab_size=16)
+    if model == SMOKE_MODEL:
+        config = tiny_model()[0].config
     else:
         config = AutoConfig.from_pretrained(resolve_model_path(model))
     layers = config.num_hidden_layers
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=256, help="timed decode steps per variant")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.policy, args.rows, args.steps = "tiny", "h2o_4_12_32", "1,4", 32
+        args.model, args.policy, args.rows, args.steps = SMOKE_MODEL, "h2o_4_12_32", "1,4", 32
     torch.set_num_threads(args.threads)
     started = time.time()
     layers, heads, kv_heads, head_dim, rotary = model_shapes(args.model)
