@@ -12,7 +12,6 @@ Phase 3: slack 0 / 16 / 64 at one token per forward (slack only matters there), 
 
 from __future__ import annotations
 
-import time
 
 from benchmarks import report
 from benchmarks.data import HELDOUT, expand_texts
@@ -67,7 +66,7 @@ def main(argv=None) -> None:
     rows = expand_texts(args.texts)
     if HELDOUT & set(rows) or HELDOUT & set(expand_texts(args.slack_texts)):
         parser.error(f"the held-out book ({', '.join(sorted(HELDOUT))}) must stay out of the ablations")
-    started, git_at_start = time.time(), report.git_state()
+    start = report.run_start()
 
     grid = phase1_grid(args.smoke)
     phase1 = []
@@ -96,7 +95,7 @@ def main(argv=None) -> None:
     text = render(phase1, phase2, phase3, best, rows, slack_rows, args)
     (out / "ablations.md").write_text(text)
     report.write_json(out / "ablations.json", {
-        "meta": report.meta(args, started, git_at_start), "args": vars(args), "rows": rows, "slack_rows": slack_rows,
+        "meta": report.meta(args, start), "args": vars(args), "rows": rows, "slack_rows": slack_rows,
         "best": {str(c): r["config"] for c, r in best.items()}, "phase1": phase1, "phase2": phase2, "phase3": phase3})
     print(text)
 

@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         args.model = "tiny"
     torch.set_num_threads(args.threads)
     skip = set(args.skip.split(","))
-    started = time.time()
+    start = report.run_start()
     loadavg = {"before": os.getloadavg()}
     payload: dict = {"args": vars(args)}
     out = report.out_dir(args)
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
                                    args.max_batch)
     loadavg["after"] = os.getloadavg()
     payload["loadavg"] = loadavg
-    payload["meta"] = report.meta(args, started)
+    payload["meta"] = report.meta(args, start)
     report.write_json(out / "batching.json", payload)
     text = render(payload, args)
     (out / "batching.md").write_text(text)

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     if args.smoke:
         args.model, args.policy, args.rows, args.steps = SMOKE_MODEL, "h2o_4_12_32", "1,4", 32
     torch.set_num_threads(args.threads)
-    started = time.time()
+    start = report.run_start()
     layers, heads, kv_heads, head_dim, rotary = model_shapes(args.model)
     base = CachePolicy.parse(args.policy)
     results = []
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
             results.append({"rows": rows, "variant": name, "layer_step_us": 1e6 * statistics.mean(t),
                             "model_step_ms": 1e3 * layers * statistics.mean(t)})
     out = report.out_dir(args)
-    payload = {"args": vars(args), "layers": layers, "results": results, "meta": report.meta(args, started)}
+    payload = {"args": vars(args), "layers": layers, "results": results, "meta": report.meta(args, start)}
     report.write_json(out / "eviction.json", payload)
     text = (f"# Eviction: in-place overwrite vs compacting gather ({args.model} shapes: {layers} layers, {heads} "
             f"query / {kv_heads} KV heads, head dim {head_dim}; policy {base.name}; mean over {args.steps} decode "

@@ -10,7 +10,6 @@ Configs take options after colons: ``h2o_4_64_256:score_mode=sum:slack=0``.
 from __future__ import annotations
 
 import math
-import time
 
 from tqdm import tqdm
 
@@ -115,7 +114,7 @@ def main(argv=None) -> None:
         args.configs = args.configs if args.configs != SEED_CONFIGS else SMOKE_CONFIGS
         args.tokens, args.prompt, args.new, args.reps = min(args.tokens, 256), 96, 8, 1
     report.apply_smoke(args)
-    started, git_at_start = time.time(), report.git_state()
+    start = report.run_start()
     configs = [parse_config(c) for c in (args.configs + "," + args.extra).split(",") if c.strip()]
     rows = expand_texts(args.texts)
     with Pool(make_specs(args, configs), inline=args.inline) as pool:
@@ -126,7 +125,7 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     table = render(results, rows, args)
     (out / f"{args.name}.md").write_text(table)
-    report.write_json(out / f"{args.name}.json", {"meta": report.meta(args, started, git_at_start), "args": vars(args),
+    report.write_json(out / f"{args.name}.json", {"meta": report.meta(args, start), "args": vars(args),
                                                  "rows": rows, "results": results})
     plot(out / f"{args.name}.png", results)
     print(table)

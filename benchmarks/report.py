@@ -53,20 +53,20 @@ def _git(*cmd) -> str:
         return ""
 
 
-def git_state() -> dict:
-    """The library version a run loads: call at its start (the library may change while a long run goes)."""
-    return {"git_commit": _git("rev-parse", "HEAD"),
+def run_start() -> dict:
+    """Call when a run starts: its clock and the library version it loads (the tree may change during a long run)."""
+    return {"started": time.time(), "git_commit": _git("rev-parse", "HEAD"),
             "git_dirty_library": bool(_git("status", "--porcelain", "--", "h2o_cache"))}
 
 
-def meta(args, started: float, git_at_start: dict | None = None) -> dict:
-    """Where and how a result was produced."""
+def meta(args, start: dict) -> dict:
+    """Where and how a result was produced (`start` from `run_start`)."""
     return {
         "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
-        **(git_at_start or git_state()),
+        "git_commit": start["git_commit"], "git_dirty_library": start["git_dirty_library"],
         "model": args.model, "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "threads_per_worker": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "wall_s": round(time.time() - started, 1),
+        "python": platform.python_version(), "wall_s": round(time.time() - start["started"], 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -10,7 +10,6 @@ config (the full cache) at the same context, from the same run.
 
 from __future__ import annotations
 
-import time
 
 from benchmarks import report
 from benchmarks.ppl import make_specs, parse_config, timing_pass
@@ -31,7 +30,7 @@ def main(argv=None) -> None:
         if args.configs == parser.get_default("configs"):
             args.configs = "baseline,h2o_4_16_64"
     report.apply_smoke(args)
-    started, git_at_start = time.time(), report.git_state()
+    start = report.run_start()
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     contexts = [int(c) for c in args.contexts.split(",")]
     specs = make_specs(args, configs)
@@ -49,7 +48,7 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     text = render(results, labels, args)
     (out / "speed.md").write_text(text)
-    report.write_json(out / "speed.json", {"meta": report.meta(args, started, git_at_start), "args": vars(args),
+    report.write_json(out / "speed.json", {"meta": report.meta(args, start), "args": vars(args),
                                            "results": results, "memory": dict(zip(labels, memory))})
     for metric, ylabel in (("tpot_ms", "TPOT (ms)"), ("ttft_s", "TTFT (s)")):
         series = {lab: ([r["context"] for r in results if r["config"] == lab],

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     if args.smoke:
         args.configs, args.tokens = "h2o_4_16_64,streaming_4_64", 200
     report.apply_smoke(args)
-    started, git_at_start = time.time(), report.git_state()
+    start = report.run_start()
     rows = expand_texts(args.texts)
     specs = make_specs(args, [parse_config(c) for c in args.configs.split(",")])
     results = []
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     text = (f"# Teacher-forcing protocols compared ({args.model}, {args.tokens} tokens per row)\n\n" + table)
     out = report.out_dir(args)
     (out / "step_check.md").write_text(text)
-    report.write_json(out / "step_check.json", {"meta": report.meta(args, started, git_at_start), "results": results})
+    report.write_json(out / "step_check.json", {"meta": report.meta(args, start), "results": results})
     print(text)
 
 

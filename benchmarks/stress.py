@@ -13,7 +13,6 @@ because its per-token time and memory grow with the context.
 from __future__ import annotations
 
 import math
-import time
 
 from tqdm import tqdm
 
@@ -40,7 +39,7 @@ def main(argv=None) -> None:
         args.trained = args.trained or 512
     args.trained = args.trained or 8192
     report.apply_smoke(args)
-    started, git_at_start = time.time(), report.git_state()
+    start = report.run_start()
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     specs = make_specs(args, configs)
     budgets = [args.baseline_tokens if name in ("baseline", "full") else args.tokens for name, _ in configs]
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     text = render(summary, args)
     (out / "stress.md").write_text(text)
-    report.write_json(out / "stress.json", {"meta": report.meta(args, started, git_at_start), "args": vars(args),
+    report.write_json(out / "stress.json", {"meta": report.meta(args, start), "args": vars(args),
                                             "summary": summary, "windows": dict(zip(labels, windows))})
     for key, ylabel, scale, logy in (("ppl", "windowed perplexity", 1, True), ("tpot_ms", "TPOT (ms)", 1, False),
                                      ("kv_bytes", "KV cache (MB)", 2**-20, False),
