@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablate, eviction, ppl, speed, stress
+from benchmarks import ablate, batching, eviction, ppl, speed, step_check, stress
 from benchmarks.runner import Session, Spec
 from h2o_cache import CachePolicy
 
@@ -70,6 +70,23 @@ def test_stress_smoke(tmp_path):
     assert max(bounded) == min(bounded)  # bounded cache: constant allocation
     for name in ("ppl", "tpot", "kv", "rss"):
         assert (tmp_path / f"stress_{name}.png").stat().st_size > 0
+
+
+def test_batching_smoke(tmp_path):
+    batching.main(["--smoke", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "batching.json").read_text())
+    assert [(r["sessions"], r["tokens"]) for r in payload["runs"]] == [(1, 8), (4, 32)]
+    assert [d["dtype"] for d in payload["dtypes"]] == ["fp32", "int8"]
+    assert [m["turn"] for m in payload["memory"]] == [0, 1, 2]
+    assert payload["meta"]["git_commit"]
+    assert (tmp_path / "batching.md").read_text().count("## ") == 3
+
+
+def test_step_check_smoke(tmp_path):
+    step_check.main(["--smoke", "--out", str(tmp_path)])
+    header, rows = table_shape((tmp_path / "step_check.md").read_text())
+    assert header[:2] == ["Config", "Protocol"] and len(rows) == 6
+    assert all(float(r[4]) < 1e-3 for r in rows)  # every protocol gives the one-token NLLs
 
 
 def test_eviction_smoke(tmp_path):
