@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import secrets
 import time
 import uuid
@@ -17,6 +16,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi import Path as PathParam
+from pydantic import AfterValidator
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -31,6 +31,7 @@ from app.engine import (
 )
 from app.metrics import Metrics
 from app.protocol import (
+    DOT_SEGMENTS,
     SESSION_ID_PATTERN,
     SESSION_ID_RULE,
     ChatCompletionRequest,
@@ -41,6 +42,7 @@ from app.protocol import (
     SessionList,
     TokenEvent,
     TurnResult,
+    valid_session_id,
 )
 from app.sampling import SamplingParams
 from app.sessions import Session, SessionLimitError, SessionStore
@@ -51,8 +53,19 @@ from h2o_cache import CachePolicy
 STATIC_DIR = Path(__file__).parent / "static"
 CANCEL_GRACE_S = 5.0
 """How long a new turn waits for a cancelled one (e.g. its client disconnected) to wind down before 409."""
+DISCONNECT_POLL_S = 0.05
+"""How often a non-streaming request checks that its client is still there (about one decode step)."""
 
-SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description=SESSION_ID_RULE)]
+
+
+def _not_a_dot_segment(session_id: str) -> str:
+    if session_id in DOT_SEGMENTS:
+        raise ValueError(f"{session_id!r} is a URL dot segment, not a session id ({SESSION_ID_RULE})")
+    return session_id
+
+
+SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description=SESSION_ID_RULE),
+                      AfterValidator(_not_a_dot_segment)]
 
 
 class ApiError(Exception):
@@ -182,26 +195,28 @@ def delete_session(session_id: SessionId, state: State, owner: Owner) -> Respons
 
 
 @protected.post("/sessions/{session_id}/generate", response_model=None)
-async def generate(session_id: SessionId, body: GenerateRequest, state: State, owner: Owner) -> Response | TurnResult:
+async def generate(session_id: SessionId, body: GenerateRequest, request: Request, state: State,
+                   owner: Owner) -> Response | TurnResult:
     generation = await _start_turn(state, owner, session_id, body.message, body.system, body.policy, body,
                                    body.stop)
     if not body.stream:
-        return await _collect(generation)
+        return await _collect(generation, request)
     return _event_stream(state, _native_events(generation))
 
 
 @protected.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, state: State, owner: Owner,
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, owner: Owner,
                            x_session_id: Annotated[str | None, Header()] = None,
                            x_h2o_policy: Annotated[str | None, Header()] = None) -> Response | dict:
     """OpenAI's chat API. The session comes from `X-Session-Id` (or `user`); the server keeps its history, so
     only the last message (a user message) is new; a leading system message counts on the first turn only."""
     session_id = x_session_id or body.user
-    if session_id is None or not _valid_session_id(session_id):
+    if session_id is None or not valid_session_id(session_id):
         raise ApiError(422, "send the session id in the X-Session-Id header or the `user` field "
                        f"({SESSION_ID_RULE})", "invalid_session_id", "invalid")
-    if body.messages[-1].role != "user":
-        raise ApiError(422, "the last message must be the user's new message", "invalid_request", "invalid")
+    if body.messages[-1].role != "user" or not body.messages[-1].content:
+        raise ApiError(422, "the last message must be the user's new message, not empty", "invalid_request",
+                       "invalid")
     system = body.messages[0].content if body.messages[0].role in ("system", "developer") else None
     sampling = body.model_copy(update={"max_new_tokens": body.max_completion_tokens or body.max_tokens})
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
@@ -210,7 +225,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, owner: Own
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _event_stream(state, _openai_chunks(generation, completion_id, created, body.model))
-    result = await _collect(generation)
+    result = await _collect(generation, request)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -295,8 +310,10 @@ def _retry_later(state: ServerState, status: int, message: str, type_: str) -> A
     return ApiError(status, message, type_, "rejected", headers={"Retry-After": str(state.settings.retry_after_s)})
 
 
-async def _collect(generation: Generation) -> TurnResult:
-    """Run a turn to its end for a non-streaming response."""
+async def _collect(generation: Generation, request: Request) -> TurnResult:
+    """Run a turn to its end for a non-streaming response; a client that disconnects meanwhile cancels it (the
+    server learns of it only by polling: no response is being written that could fail)."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(generation, request))
     last = None
     try:
         async for event in generation:  # token events, then the TurnResult
@@ -304,8 +321,15 @@ async def _collect(generation: Generation) -> TurnResult:
     except GenerationError as exc:
         raise ApiError(500, str(exc), "generation_error") from exc
     finally:
+        watcher.cancel()
         generation.cancel()  # no-op once finished; stops the worker if this handler was cancelled
     return last
+
+
+async def _cancel_on_disconnect(generation: Generation, request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    generation.cancel()
 
 
 def _event_stream(state: ServerState, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
@@ -395,10 +419,6 @@ def _info(summary: dict) -> SessionInfo:
         evicted_tokens=summary["evicted_tokens"], cache_bytes=summary["cache_bytes"], busy=summary["busy"],
         created_at=summary["created_at"], updated_at=summary["updated_at"],
     )
-
-
-def _valid_session_id(session_id: str) -> bool:
-    return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None
 
 
 def _error_body(message: str, type_: str, code: int) -> dict:

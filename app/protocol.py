@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
-"""Letters, digits, `_ . -`, at most 128, not starting with `.` or `-` (so never `.`, `..` or an option-like
-name). Ids never reach the filesystem anyway: snapshot files are named by a hash of the id."""
-SESSION_ID_RULE = "[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+SESSION_ID_RULE = "[A-Za-z0-9_.-]{1,128}, not . or .."
+DOT_SEGMENTS = frozenset({".", ".."})
+"""Ids the pattern allows but a URL path cannot name (clients resolve them away, RFC 3986). Ids never reach the
+filesystem: snapshot files are named by a hash of the id."""
+
+
+def valid_session_id(session_id: str) -> bool:
+    return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None and session_id not in DOT_SEGMENTS
+
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -81,9 +88,19 @@ class SessionList(BaseModel):
     sessions: list[SessionInfo]
 
 
+def _join_text_parts(content: object) -> object:
+    """OpenAI's content may be a list of parts; text parts are joined, anything else (images, audio) refused."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+               for part in content):
+        raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+    return "".join(part["text"] for part in content)
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: Annotated[str, BeforeValidator(_join_text_parts)]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -8,7 +8,7 @@ import pytest
 
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import SMALL_SLACK, generate, run_server, sse_events, wait_for_metric
+from tests.app.conftest import SMALL_SLACK, generate, run_server, scrape, sse_events, wait_for_metric
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6}
 
@@ -97,6 +97,26 @@ def test_disconnect_mid_stream_keeps_the_partial_reply_and_the_next_turn_works(s
     # Same delta as after a complete (length-limited) reply: the pending token plus the closed turn, no re-prefill.
     assert after["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
     assert after["cache_tokens_seen"] == cut["cache_tokens_seen"] + after["usage"]["prompt_tokens"] + 5
+
+
+@pytest.mark.parametrize("path", ["/sessions/quiet/generate", "/v1/chat/completions"])
+def test_a_non_streaming_client_that_disconnects_cancels_its_generation(server, path):
+    def body(n: int) -> dict:
+        if path.startswith("/sessions"):
+            return {"message": "hello", "max_new_tokens": n, "min_new_tokens": n, "stream": False}
+        return {"messages": [{"role": "user", "content": "hello"}], "max_tokens": n, "min_new_tokens": n}
+
+    headers = {"X-Session-Id": "quiet"}
+    with server.client() as client:
+        cancelled = scrape(client).get('h2o_requests_total{outcome="cancelled"}', 0)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            client.post(path, json=body(2000), headers=headers, timeout=0.5)
+        wait_for_metric(client, 'h2o_requests_total{outcome="cancelled"}', cancelled + 1, timeout_s=5)
+        session = client.get("/sessions/quiet").json()
+        assert not session["busy"] and session["cache_tokens_seen"] < 1500  # stopped long before 2000 tokens
+        assert client.post(path, json=body(2), headers=headers).status_code == 200  # no 409: the session is free
+    with server.client() as client:
+        client.delete("/sessions/quiet")
 
 
 def test_a_full_queue_answers_429_with_retry_after(serve):

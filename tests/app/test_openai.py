@@ -37,10 +37,25 @@ def test_a_session_id_is_required(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
 
 
-def test_errors_arrive_as_openai_errors(client):
+def test_errors_arrive_as_openai_errors(client, server):
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], user="oa-bad",
                                        temperature=3)
     with pytest.raises(openai.UnprocessableEntityError, match="last message"):
         client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "Hi"}],
                                        user="oa-bad")
+    with pytest.raises(openai.UnprocessableEntityError, match="not empty"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": ""}], user="oa-bad")
+    with pytest.raises(openai.UnprocessableEntityError, match="only text content"):
+        client.chat.completions.create(model="tiny", user="oa-bad", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    with server.client() as http:
+        assert http.get("/sessions/oa-bad").status_code == 404  # none of the rejected requests created it
+
+
+def test_text_content_parts_are_joined(client, server):
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there"}]
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=2,
+                                   user="oa-parts")
+    with server.client() as http:
+        assert http.get("/sessions/oa-parts").json()["messages"][0] == {"role": "user", "content": "Hello, there"}
