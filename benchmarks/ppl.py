@@ -31,8 +31,13 @@ def parse_config(text: str) -> tuple[str, dict]:
         key, _, value = pair.partition("=")
         if value.lower() in ("true", "false"):
             options[key] = value.lower() == "true"
+        elif value.lstrip("-").isdigit():
+            options[key] = int(value)
         else:
-            options[key] = int(value) if value.lstrip("-").isdigit() else value
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value
     return name, options
 
 

@@ -73,7 +73,7 @@ def h2o_attention_forward(
         )
     if attention_mask is not None:
         raise ValueError("an H2O cache builds its own masks; pass a 2D padding attention_mask, not a 4D mask")
-    return layer.attend(query, scaling), None
+    return layer.attend(query, scaling, kwargs.get("sliding_window")), None
 
 
 def register() -> None:

@@ -149,31 +149,52 @@ class H2OLayer(CacheLayerMixin):
 
     # -- attention + scoring -------------------------------------------------------------------------------------
 
-    def _mask(self, q: int) -> torch.Tensor | None:
-        """Boolean mask ``(batch|1, kv_heads|1, q, n)``: new tokens are causal among themselves, padding is hidden.
-        Each query may always see itself, so padding rows never softmax over nothing."""
+    def _mask(self, q: int, window: int | None = None) -> torch.Tensor | None:
+        """Boolean mask ``(batch|1, kv_heads|1, q, n)``: new tokens are causal among themselves, padding is hidden,
+        and with a sliding ``window`` (Mistral, Qwen2's sliding layers) a query sees only keys whose position, as
+        the model numbered them (rolled or original), is within ``window`` of its own. Each query may always see
+        itself, so padding rows never softmax over nothing."""
         n = self.length
-        if not self.has_padding and q == 1:
+        if not self.has_padding and q == 1 and window is None:
             return None
         rows = torch.arange(q, device=self.device)[:, None]
         cols = torch.arange(n, device=self.device)[None, :]
-        allowed = cols <= rows + (n - q)
+        allowed = (cols <= rows + (n - q))[None, None]
+        if window is not None:
+            positions = self._model_positions()
+            allowed = allowed & (positions[:, :, None, :] > positions[:, :, n - q :, None] - window)
         if not self.has_padding:
-            return allowed[None, None]
+            return allowed
         valid = self.slot("valid")[:, :, None, :]
         return (valid & allowed) | (cols == rows + (n - q))
 
-    def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    def _model_positions(self) -> torch.Tensor:
+        """``(batch|1, kv_heads|1, n)`` position of each slot as the model numbered it: its rank among the valid
+        slots when rolling, else its original position."""
+        if self.policy.rolling:
+            if not self.has_padding:
+                return torch.arange(self.length, device=self.device)[None, None]
+            return self.slot("valid").long().cumsum(-1) - 1
+        return self.slot("position")
+
+    def _window_matters(self, window: int | None) -> bool:
+        """Whether a sliding window can hide a slot: only when positions may span more than ``window`` (a bounded
+        cache that rolls its positions below the window never pays for the window mask)."""
+        span = self.length if self.policy.rolling else self.seen
+        return window is not None and span > window
+
+    def attend(self, query: torch.Tensor, scaling: float | None, sliding_window: int | None = None) -> torch.Tensor:
         """Attention of ``query`` ``(batch, heads, q_len, head_dim)`` over the slots in use; accumulates scores and
         evicts when over budget. Returns ``(batch, q_len, heads, head_dim)`` like transformers' SDPA path."""
         q, d = query.shape[2], query.shape[3]
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         new_valid = self.new_valid if self.has_padding else None
-        mask = self._mask(q)
+        windowed = self._window_matters(sliding_window)
+        mask = self._mask(q, sliding_window if windowed else None)
         if self.policy.score_mode == "ema" and self.policy.needs_scores:
             self.slot("scores").mul_(self.policy.decay**q)
         if not self.policy.needs_scores:
-            out = self._sdpa(query, mask, scale)
+            out = self._sdpa(query, mask, scale, causal=not windowed)
         elif q == 1:
             out = self._decode_with_scores(query, mask, scale, new_valid)
         else:
@@ -185,9 +206,11 @@ class H2OLayer(CacheLayerMixin):
                 self._allocate(self._slots["keys"], self._slots["values"], self._steady_slots)
         return out.transpose(1, 2).contiguous()
 
-    def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
+        """``causal``: the mask is plain causal where it exists (no sliding window), so a prompt alone in the cache
+        may take SDPA's fused causal path."""
         hq, hk, q = query.shape[1], self.keys.shape[1], query.shape[2]
-        is_causal = q > 1 and q == self.length and not self.has_padding  # plain prompt: SDPA's fused causal path
+        is_causal = causal and q > 1 and q == self.length and not self.has_padding
         if is_causal:
             mask = None
         elif mask is not None and mask.shape[1] > 1:  # per-KV-head padding mask -> per query head

@@ -23,7 +23,9 @@ DEFAULT_DECAY = 0.98
 DEFAULT_SLACK = 64
 DEFAULT_CHUNK = 512
 
-_NAME = re.compile(r"^(?:(full|baseline)|streaming_(\d+)_(\d+)|h2o_(\d+)_(\d+)_(\d+))$")
+_NAME = re.compile(r"^(?:(full|baseline)|streaming_(-?\d+)_(-?\d+)|h2o_(-?\d+)_(-?\d+)_(-?\d+))$")
+OPTIONS = ("score_mode", "decay", "slack", "chunk_size", "rolling")
+"""Policy fields that a name does not carry, settable as keyword options."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,14 @@ class CachePolicy:
     rolling: bool = True
 
     def __post_init__(self) -> None:
+        for field in ("n_sink", "n_recent", "slack", "chunk_size", "capacity"):
+            value = getattr(self, field)
+            if (not isinstance(value, int) or isinstance(value, bool)) and not (field == "capacity" and value is None):
+                raise ValueError(f"{field} must be an integer, got {value!r}")
+        if not isinstance(self.rolling, bool):
+            raise ValueError(f"rolling must be True or False, got {self.rolling!r}")
+        if not isinstance(self.decay, (int, float)) or isinstance(self.decay, bool):
+            raise ValueError(f"decay must be a number, got {self.decay!r}")
         if self.kind not in ("full", "streaming", "h2o"):
             raise ValueError(f"unknown policy kind {self.kind!r}; expected 'full', 'streaming' or 'h2o'")
         if self.score_mode not in SCORE_MODES:
@@ -89,16 +99,19 @@ class CachePolicy:
 
     @classmethod
     def full(cls, **options) -> CachePolicy:
+        _check_options(options)
         return cls(kind="full", **options)
 
     @classmethod
     def streaming(cls, n_sink: int, window: int, **options) -> CachePolicy:
+        _check_options(options)
         if window <= n_sink:
             raise ValueError(f"streaming window ({window}) must exceed the sink count ({n_sink})")
         return cls(kind="streaming", n_sink=n_sink, n_recent=window - n_sink, capacity=window, **options)
 
     @classmethod
     def h2o(cls, n_sink: int, n_recent: int, capacity: int, **options) -> CachePolicy:
+        _check_options(options)
         return cls(kind="h2o", n_sink=n_sink, n_recent=n_recent, capacity=capacity, **options)
 
     @classmethod
@@ -140,4 +153,11 @@ class CachePolicy:
         return None if self.capacity is None else self.capacity + self.slack
 
     def replace(self, **changes) -> CachePolicy:
+        _check_options({k: v for k, v in changes.items() if k not in ("n_sink", "n_recent", "capacity", "kind")})
         return dataclasses.replace(self, **changes)
+
+
+def _check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown policy option(s) {unknown}; the options are {list(OPTIONS)}")

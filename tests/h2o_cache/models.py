@@ -8,6 +8,8 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -24,6 +26,9 @@ def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, layers
     if family == "llama":
         config = LlamaConfig(num_key_value_heads=2, **common, **rope)
         model = LlamaForCausalLM(config)
+    elif family == "mistral":  # a sliding window short enough that the tests' sequences outgrow it
+        config = MistralConfig(num_key_value_heads=2, sliding_window=16, **common, **rope)
+        model = MistralForCausalLM(config)
     elif family == "qwen2":
         config = Qwen2Config(num_key_value_heads=2, **common, **rope)
         model = Qwen2ForCausalLM(config)

@@ -28,7 +28,12 @@ def test_baseline_is_full_and_sizes_derive():
         ("h2o_8_32_40", {}, "must exceed sink \\+ recent"),
         ("h2o_8_32_20", {}, "must exceed sink \\+ recent"),
         ("streaming_8_8", {}, "must exceed the sink count"),
-        ("h2o_-1_2_3", {}, "unknown cache policy"),
+        ("h2o_-1_2_3", {}, "n_sink must be >= 0, got -1"),
+        ("h2o_4_-2_16", {}, "n_recent must be >= 0"),
+        ("h2o_8_32_256", {"bogus": 1}, "unknown policy option.*bogus"),
+        ("h2o_8_32_256", {"slack": 1.5}, "slack must be an integer"),
+        ("h2o_8_32_256", {"rolling": "no"}, "rolling must be True or False"),
+        ("h2o_8_32_256", {"decay": "0.9"}, "decay must be a number"),
         ("lru_8", {}, "unknown cache policy"),
         ("h2o_8_32_256", {"slack": -1}, "slack must be >= 0"),
         ("h2o_8_32_256", {"chunk_size": 0}, "chunk_size must be >= 1"),
@@ -39,3 +44,8 @@ def test_baseline_is_full_and_sizes_derive():
 def test_bad_configurations_raise_value_error(name, options, message):
     with pytest.raises(ValueError, match=message):
         CachePolicy.parse(name, **options)
+
+
+def test_replace_refuses_unknown_options_too():
+    with pytest.raises(ValueError, match="unknown policy option.*bogus"):
+        CachePolicy.parse("h2o_8_32_256").replace(bogus=1)
