@@ -11,8 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from app.settings import Settings
+from h2o_cache import CachePolicy
 from tests.scaleout.conftest import NGINX, REPO, TEMPLATE, free_port, render
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -219,3 +222,52 @@ def test_ingress_nginx_gets_the_template_map():
     snippet = load(K8S / "ingress-nginx/controller-configmap.yaml")["data"]["http-snippet"]
     assert normalized(map_block(snippet)) == normalized(map_block(TEMPLATE_TEXT))
     assert "$session_key" in map_block(snippet).splitlines()[0]
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes memory/storage quantity (``6Gi``, ``512Mi``) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", text).groups()
+    return int(number) * 1024 ** (1 + ("Ki", "Mi", "Gi", "Ti").index(unit) if unit else 0)
+
+
+def session_bytes(slots: int, dtype_bytes: int, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> int:
+    """deploy/README.md's capacity formula (SmolLM2-135M by default): key + value, fp32 score, int64 position and
+    a bool flag per slot, layer and KV head."""
+    return slots * layers * kv_heads * (2 * head_dim * dtype_bytes + 4 + 8 + 1)
+
+
+def test_capacity_formula_matches_a_real_cache():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from h2o_cache import make_cache
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = LlamaForCausalLM(config).eval()
+    cache = make_cache(model, "h2o_2_8_24", slack=8)
+    with torch.inference_mode():
+        model(input_ids=torch.randint(0, 64, (1, 40)), past_key_values=cache, use_cache=True)
+    assert cache.nbytes() == session_bytes(24 + 8, 4, layers=3, kv_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_kubernetes_sizes_hold_what_the_settings_allow(overlay):
+    """Memory limits, GPU memory and the snapshot volume fit the resident and stored sessions each overlay allows,
+    by the capacity formula, for SmolLM2 under the server's default policy."""
+    resources = overlays()[overlay]
+    deployment = resources[("Deployment", "h2o-serve")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    policy = CachePolicy.parse(Settings().policy, slack=Settings().policy_slack)
+    dtype_bytes = 2 if env["H2O_DEVICE"] == "cuda" else 4
+    per_session = session_bytes(policy.capacity + policy.slack, dtype_bytes)
+    resident = int(env["H2O_MAX_RESIDENT_SESSIONS"]) * per_session
+    pool = Settings().max_batch * session_bytes(policy.capacity + 2 * policy.slack, dtype_bytes)
+    weights = 135_000_000 * dtype_bytes
+    if overlay == "gpu":
+        assert resident + pool + weights <= 20 * 1024**3  # a 24 GB card, with room for activations
+    else:
+        assert resident + pool + weights + 1024**3 <= quantity(container["resources"]["limits"]["memory"])
+    claim = resources[("PersistentVolumeClaim", "h2o-snapshots")]
+    stored = deployment["spec"]["replicas"] * int(env["H2O_MAX_SESSIONS"]) * per_session
+    assert stored <= quantity(claim["spec"]["resources"]["requests"]["storage"])
