@@ -110,6 +110,7 @@ class Session:
         make_cache(self.model, self.policy)  # installs the attention hook before the timer wraps the modules
         self.attn = AttentionTimer(self.model)
         self.stream: dict | None = None
+        self.generation: dict | None = None
 
     def tokens(self, row: str, n_tokens: int) -> list[int]:
         synthetic = self.smoke and not _data_available(self.spec.data_dir)
@@ -184,9 +185,10 @@ class Session:
     # -- generation timing ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def timed_generation(self, row: str, prompt_tokens: int, new_tokens: int) -> dict:
-        """Prefill a ``prompt_tokens`` prompt (chunked by the policy), then greedy-decode ``new_tokens`` tokens.
-        TTFT = prefill until the first new token; decode_s = each later token's forward + argmax."""
+    def start_generation(self, row: str, prompt_tokens: int) -> float:
+        """Prefill a ``prompt_tokens`` prompt (chunked by the policy) and pick the first new token greedily.
+        Returns TTFT in seconds. :meth:`decode_step` then times one token at a time, so that a script can interleave
+        the configs token by token (machine noise then hits every config's steps alike)."""
         ids = torch.tensor([self.tokens(row, prompt_tokens)], device=self.device)
         cache = make_cache(self.model, self.policy)
         self._sync()
@@ -194,18 +196,21 @@ class Session:
         logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         self._sync()
-        ttft_s = time.perf_counter() - t0
-        decode_s, attn_s = [], []
-        for _ in range(new_tokens - 1):
-            a0, t0 = self.attn.total_s, time.perf_counter()
-            token = self._forward(cache, token)[:, -1].argmax(-1, keepdim=True)
-            self._sync()
-            decode_s.append(time.perf_counter() - t0)
-            attn_s.append(self.attn.total_s - a0)
-        return {
-            "ttft_s": ttft_s, "decode_s": decode_s, "attn_s": attn_s, "kv_bytes": cache.nbytes(),
-            "kept_tokens": cache.kept_tokens(), "context_tokens": prompt_tokens,
-        }
+        self.generation = {"cache": cache, "token": token}
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def decode_step(self) -> dict:
+        """Feed the last token, pick the next greedily: wall seconds and seconds inside attention."""
+        g = self.generation
+        a0, t0 = self.attn.total_s, time.perf_counter()
+        g["token"] = self._forward(g["cache"], g["token"])[:, -1].argmax(-1, keepdim=True)
+        self._sync()
+        return {"decode_s": time.perf_counter() - t0, "attn_s": self.attn.total_s - a0}
+
+    def end_generation(self) -> dict:
+        cache, self.generation = self.generation["cache"], None
+        return {"kv_bytes": cache.nbytes(), "kept_tokens": cache.kept_tokens()}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -57,7 +57,13 @@ def test_speed_smoke(tmp_path):
     speed.main(["--smoke", "--out", str(tmp_path)])
     header, rows = table_shape((tmp_path / "speed.md").read_text())
     assert header[:4] == ["Context", "Config", "TTFT (s)", "TPOT (ms)"]
-    assert len(rows) == 3 * 2  # 3 contexts x 2 configs
+    assert len(rows) == 4 * 2  # 3 contexts + the one h2o_4_16_64 holds (64 + 64 / 2 = 96), x 2 configs
+    payload = json.loads((tmp_path / "speed.json").read_text())
+    overhead = payload["overhead"]
+    assert [(r["config"], r["context"], r["held_tokens"]) for r in overhead] == [
+        ("h2o_4_16_64", 128, 96), ("h2o_4_16_64", 256, 96)]
+    baseline_96 = next(r for r in payload["results"] if r["config"] == "baseline" and r["context"] == 96)
+    assert all(r["base_same_size_ms"] == baseline_96["tpot_mean_ms"] for r in overhead)
     assert (tmp_path / "speed_tpot.png").stat().st_size > 0
 
 
