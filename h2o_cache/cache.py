@@ -24,6 +24,9 @@ from h2o_cache.scoring import heavy_hitter_score, pool_group_attention, select_k
 
 # Score queries in blocks so that a block's probabilities stay under this many fp32 elements (~64 MB).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
+# At most this many queries per block, so that each block computes only the keys its queries may see (a prompt's
+# first chunk then skips ~40% of the QK^T and softmax work above the causal diagonal).
+_CAUSAL_BLOCK = 128
 
 
 def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -247,16 +250,17 @@ class H2OLayer(CacheLayerMixin):
         qg = query.view(b, hk, hq // hk, q, d) * scale
         keys_t = self.keys.transpose(-1, -2)[:, :, None]  # (b, hk, 1, d, n)
         values = self.values[:, :, None]  # (b, hk, 1, n, d)
-        block = max(1, _SCORE_BLOCK_ELEMENTS // max(1, b * hq * n))
+        block = max(1, min(_CAUSAL_BLOCK, _SCORE_BLOCK_ELEMENTS // max(1, b * hq * n)))
         scores = self.slot("scores")
         outputs = []
         for i0 in range(0, q, block):
             i1 = min(q, i0 + block)
-            logits = torch.matmul(qg[:, :, :, i0:i1], keys_t)  # (b, hk, g, blk, n)
-            logits = logits.masked_fill(~mask[:, :, None, i0:i1], float("-inf"))
+            k1 = n - q + i1  # causal: no query of this block sees a slot past its last query's own
+            logits = torch.matmul(qg[:, :, :, i0:i1], keys_t[..., :k1])  # (b, hk, g, blk, k1)
+            logits.masked_fill_(~mask[:, :, None, i0:i1, :k1], float("-inf"))
             probs = logits.softmax(dim=-1, dtype=torch.float32)
-            scores.add_(pool_group_attention(probs, None if new_valid is None else new_valid[:, i0:i1]))
-            outputs.append(torch.matmul(probs.to(values.dtype), values))  # (b, hk, g, blk, d)
+            scores[..., :k1].add_(pool_group_attention(probs, None if new_valid is None else new_valid[:, i0:i1]))
+            outputs.append(torch.matmul(probs.to(values.dtype), values[:, :, :, :k1]))  # (b, hk, g, blk, d)
         return torch.cat(outputs, dim=3).view(b, hq, q, d)
 
     # -- eviction ------------------------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ def test_prefill_and_decode_match_dynamic_cache_batch1(family, policy, rolling):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("rolling", [True, False])
-def test_generate_left_padded_batch3_matches_dynamic_cache(family, policy, rolling):
+@pytest.mark.parametrize("causal_block", [128, 5])  # 5: the prompt's queries in blocks over their causal keys
+def test_generate_left_padded_batch3_matches_dynamic_cache(family, policy, rolling, causal_block, monkeypatch):
+    monkeypatch.setattr("h2o_cache.cache._CAUSAL_BLOCK", causal_block)
     model = tiny_model(family)
     ids, mask = _left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,

@@ -24,7 +24,9 @@ CASES = [
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 @pytest.mark.parametrize("rolling", [True, False])
 @pytest.mark.parametrize("name,options", CASES)
-def test_matches_naive_reference(family, rolling, name, options):
+@pytest.mark.parametrize("causal_block", [128, 3])  # 3: a chunk's queries in blocks, each over its causal keys only
+def test_matches_naive_reference(family, rolling, name, options, causal_block, monkeypatch):
+    monkeypatch.setattr("h2o_cache.cache._CAUSAL_BLOCK", causal_block)
     model = tiny_model(family, dtype=torch.float64)
     policy = CachePolicy.parse(name, rolling=rolling, chunk_size=8, **options)
     torch.manual_seed(2)
