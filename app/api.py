@@ -16,9 +16,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi import Path as PathParam
-from pydantic import AfterValidator
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import AfterValidator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.engine import (
@@ -55,7 +55,6 @@ CANCEL_GRACE_S = 5.0
 """How long a new turn waits for a cancelled one (e.g. its client disconnected) to wind down before 409."""
 DISCONNECT_POLL_S = 0.05
 """How often a non-streaming request checks that its client is still there (about one decode step)."""
-
 
 
 def _not_a_dot_segment(session_id: str) -> str:

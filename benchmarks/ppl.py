@@ -96,7 +96,7 @@ def timing_pass(pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps:
                     attn[i].append(step["attn_s"])
                 bar.update(n)
             for i in range(n):
-                kv[i] = pool.call(i, "end_generation")["kv_bytes"]
+                kv[i] = pool.call(i, "end_generation")
     out = []
     for i in range(n):
         per_rep = len(decode[i]) // reps

@@ -208,9 +208,10 @@ class Session:
         self._sync()
         return {"decode_s": time.perf_counter() - t0, "attn_s": self.attn.total_s - a0}
 
-    def end_generation(self) -> dict:
+    def end_generation(self) -> int:
+        """Frees the generation's cache; returns the bytes it had allocated."""
         cache, self.generation = self.generation["cache"], None
-        return {"kv_bytes": cache.nbytes(), "kept_tokens": cache.kept_tokens()}
+        return cache.nbytes()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
