@@ -31,7 +31,6 @@ from app.engine import (
 )
 from app.metrics import Metrics
 from app.protocol import (
-    DOT_SEGMENTS,
     SESSION_ID_PATTERN,
     SESSION_ID_RULE,
     ChatCompletionRequest,
@@ -57,14 +56,15 @@ DISCONNECT_POLL_S = 0.05
 """How often a non-streaming request checks that its client is still there (about one decode step)."""
 
 
-def _not_a_dot_segment(session_id: str) -> str:
-    if session_id in DOT_SEGMENTS:
-        raise ValueError(f"{session_id!r} is a URL dot segment, not a session id ({SESSION_ID_RULE})")
+def _check_session_id(session_id: str) -> str:
+    """After the path pattern (which OpenAPI shows): the rest of the rule, `.` and `..`."""
+    if not valid_session_id(session_id):
+        raise ValueError(f"{session_id!r} is not a session id ({SESSION_ID_RULE})")
     return session_id
 
 
 SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description=SESSION_ID_RULE),
-                      AfterValidator(_not_a_dot_segment)]
+                      AfterValidator(_check_session_id)]
 
 
 class ApiError(Exception):

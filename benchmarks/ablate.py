@@ -12,7 +12,6 @@ Phase 3: slack 0 / 16 / 64 at one token per forward (slack only matters there), 
 
 from __future__ import annotations
 
-
 from benchmarks import report
 from benchmarks.data import HELDOUT, expand_texts
 from benchmarks.ppl import make_specs, ppl_pass, timing_pass

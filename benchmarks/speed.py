@@ -38,8 +38,8 @@ def main(argv=None) -> None:
     report.apply_smoke(args)
     start = report.run_start()
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
-    held = {name: held_tokens(name, options) for name, options in configs}
-    contexts = sorted({int(c) for c in args.contexts.split(",")} | {h for h in held.values() if h})
+    held = [held_tokens(name, options) for name, options in configs]
+    contexts = sorted({int(c) for c in args.contexts.split(",")} | {h for h in held if h})
     specs = make_specs(args, configs)
     results = []
     with Pool(specs, inline=args.inline) as pool:
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     for r in results:
         ref = next(x for x in results if x["context"] == r["context"] and x["config"] == labels[0])
         r["tpot_ratio"], r["ttft_ratio"] = r["tpot_ms"] / ref["tpot_ms"], r["ttft_s"] / ref["ttft_s"]
-    overhead = overhead_rows(results, labels, [held[name] for name, _ in configs])
+    overhead = overhead_rows(results, labels, held)
     out = report.out_dir(args)
     text = render(results, labels, args) + render_overhead(overhead, labels[0])
     (out / "speed.md").write_text(text)

@@ -180,11 +180,11 @@ class H2OLayer(CacheLayerMixin):
             return self.slot("valid").long().cumsum(-1) - 1
         return self.slot("position")
 
-    def _window_matters(self, window: int | None) -> bool:
-        """Whether a sliding window can hide a slot: only when positions may span more than ``window`` (a bounded
-        cache that rolls its positions below the window never pays for the window mask)."""
+    def _effective_window(self, window: int | None) -> int | None:
+        """``window`` if it can hide a slot, i.e. if positions may span more than it, else None (a bounded cache
+        that rolls its positions below the window never pays for the window mask)."""
         span = self.length if self.policy.rolling else self.seen
-        return window is not None and span > window
+        return window if window is not None and span > window else None
 
     def attend(self, query: torch.Tensor, scaling: float | None, sliding_window: int | None = None) -> torch.Tensor:
         """Attention of ``query`` ``(batch, heads, q_len, head_dim)`` over the slots in use; accumulates scores and
@@ -192,12 +192,12 @@ class H2OLayer(CacheLayerMixin):
         q, d = query.shape[2], query.shape[3]
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         new_valid = self.new_valid if self.has_padding else None
-        windowed = self._window_matters(sliding_window)
-        mask = self._mask(q, sliding_window if windowed else None)
+        window = self._effective_window(sliding_window)
+        mask = self._mask(q, window)
         if self.policy.score_mode == "ema" and self.policy.needs_scores:
             self.slot("scores").mul_(self.policy.decay**q)
         if not self.policy.needs_scores:
-            out = self._sdpa(query, mask, scale, causal=not windowed)
+            out = self._sdpa(query, mask, scale, causal=window is None)
         elif q == 1:
             out = self._decode_with_scores(query, mask, scale, new_valid)
         else:

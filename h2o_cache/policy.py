@@ -61,7 +61,9 @@ class CachePolicy:
     def __post_init__(self) -> None:
         for field in ("n_sink", "n_recent", "slack", "chunk_size", "capacity"):
             value = getattr(self, field)
-            if (not isinstance(value, int) or isinstance(value, bool)) and not (field == "capacity" and value is None):
+            if field == "capacity" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{field} must be an integer, got {value!r}")
         if not isinstance(self.rolling, bool):
             raise ValueError(f"rolling must be True or False, got {self.rolling!r}")
@@ -153,11 +155,11 @@ class CachePolicy:
         return None if self.capacity is None else self.capacity + self.slack
 
     def replace(self, **changes) -> CachePolicy:
-        _check_options({k: v for k, v in changes.items() if k not in ("n_sink", "n_recent", "capacity", "kind")})
+        _check_options(changes, allowed=[f.name for f in dataclasses.fields(self)])
         return dataclasses.replace(self, **changes)
 
 
-def _check_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
+def _check_options(options: dict, allowed: tuple[str, ...] | list[str] = OPTIONS) -> None:
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown policy option(s) {unknown}; the options are {list(OPTIONS)}")
+        raise ValueError(f"unknown policy option(s) {unknown}; the options are {list(allowed)}")
