@@ -60,22 +60,24 @@ def ppl_pass(pool: Pool, rows: list[str], n_tokens: int, step: int, segment: int
                     step_result = pool.call(i, "advance", n_tokens=segment)
                     bar.update(step_result["end"] - step_result["start"])
                     done[i] = step_result["done"]
-    results = []
-    for i in range(n):
-        raw = pool.call(i, "stream_result")
-        per_row = {row: nll for row, nll in zip(rows, raw["nll"])}
-        groups: dict[str, list[float]] = {}
-        for row, nll in per_row.items():
-            groups.setdefault(group_of(row), []).extend(nll)
-        results.append({
-            "config": pool.specs[i].label, "policy": pool.specs[i].policy, "options": pool.specs[i].options,
-            "ppl": {row: math.exp(sum(v) / len(v)) for row, v in per_row.items()},
-            "group_ppl": {g: math.exp(sum(v) / len(v)) for g, v in groups.items()},
-            "group_nll": {g: sum(v) / len(v) for g, v in groups.items()},
-            "ppl_time_s": raw["time_s"], "kv_bytes": raw["kv_bytes_max"], "kept_tokens_max": raw["kept_max"],
-            "evicted_tokens": raw["evicted_tokens"],
-        })
-    return results
+    return [stream_summary(spec, rows, pool.call(i, "stream_result")) for i, spec in enumerate(pool.specs)]
+
+
+def stream_summary(spec: Spec, rows: list[str], raw: dict) -> dict:
+    """One config's teacher-forced pass (``Session.stream_result``) as per-row and per-group PPL, pass time and
+    KV bytes per sequence."""
+    per_row = {row: nll for row, nll in zip(rows, raw["nll"])}
+    groups: dict[str, list[float]] = {}
+    for row, nll in per_row.items():
+        groups.setdefault(group_of(row), []).extend(nll)
+    return {
+        "config": spec.label, "policy": spec.policy, "options": spec.options,
+        "ppl": {row: math.exp(sum(v) / len(v)) for row, v in per_row.items()},
+        "group_ppl": {g: math.exp(sum(v) / len(v)) for g, v in groups.items()},
+        "group_nll": {g: sum(v) / len(v) for g, v in groups.items()},
+        "ppl_time_s": raw["time_s"], "kv_bytes": raw["kv_bytes_max"], "kept_tokens_max": raw["kept_max"],
+        "evicted_tokens": raw["evicted_tokens"],
+    }
 
 
 def timing_pass(pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps: int,

@@ -309,12 +309,7 @@ class H2OLayer(CacheLayerMixin):
         """The surviving slots of ``slots`` (per-slot tensors of some rows), gathered in order. Keys are
         re-rotated to their new rank when rolling and ``rotate`` (dropping padding alone changes no rank)."""
         valid = slots["valid"]
-        score = None
-        if self.policy.needs_scores:
-            observers = None
-            if self.policy.score_mode == "mean":
-                observers = (valid_seen[:, None, None] - slots["position"]).float()
-            score = heavy_hitter_score(slots["scores"], observers)
+        score = self.eviction_score(slots, valid_seen) if self.policy.needs_scores else None
         keep, keep_valid = select_kept(self.policy, valid, score, n_keep)
         kept = {name: _gather_slots(tensor, keep) for name, tensor in slots.items()}
         if keep_valid is not None:
@@ -325,6 +320,15 @@ class H2OLayer(CacheLayerMixin):
             new_pos = kept["valid"].long().cumsum(-1) - 1
             kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
         return kept
+
+    def eviction_score(self, slots: dict[str, torch.Tensor], valid_seen: torch.Tensor) -> torch.Tensor:
+        """``(rows, kv_heads, n)`` heavy-hitter score of the slots of the rows being cut (higher survives), from
+        their accumulated attention. One place to rank by something else: an instance may replace it, as
+        ``benchmarks/oracle.py`` does to rank by the attention each token will receive."""
+        observers = None
+        if self.policy.score_mode == "mean":
+            observers = (valid_seen[:, None, None] - slots["position"]).float()
+        return heavy_hitter_score(slots["scores"], observers)
 
     def _new_counts(self, q: int) -> list[int]:
         """Valid tokens per row in the current forward (all ``q`` unless padding flags said otherwise)."""

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablate, batching, eviction, ppl, speed, step_check, stress
-from benchmarks.runner import Session, Spec
+from benchmarks import ablate, batching, eviction, oracle, ppl, speed, step_check, stress
+from benchmarks.runner import Session, Spec, tiny_model
 from h2o_cache import CachePolicy
 
 
@@ -37,6 +37,19 @@ def test_ppl_smoke(tmp_path):
     for result in payload["results"]:
         assert set(result["group_ppl"]) == {"wikitext", "pg19", "heldout"}
         assert result["tpot_ms"] > 0 and result["kv_bytes"] > 0
+
+
+def test_oracle_smoke(tmp_path):
+    oracle.main(["--smoke", "--out", str(tmp_path)])
+    header, rows = table_shape((tmp_path / "oracle.md").read_text())
+    assert header == oracle.columns_for(["wikitext", "pg19", "heldout"])
+    assert [r[:2] for r in rows] == [
+        ["baseline", "-"], ["streaming_4_64", "-"], ["h2o_4_16_64", oracle.PAST],
+        ["h2o_4_16_64", "future attention (oracle)"], ["h2o_4_16_64", "future attention, next 32 (oracle)"]]
+    results = json.loads((tmp_path / "oracle.json").read_text())["results"]
+    h2o = [r for r in results if r["policy"] == "h2o_4_16_64"]
+    assert all(r["evicted_tokens"] > 0 and r["kept_tokens_max"] <= 64 + 64 for r in h2o)
+    assert len({r["group_ppl"]["wikitext"] for r in h2o}) == 3  # the rankings really differ
 
 
 def test_ablate_smoke(tmp_path):
@@ -127,3 +140,22 @@ def test_chunked_prefix_matches_one_token_per_forward(policy):
         session.advance(200)
         nll[chunk_prefix] = torch.tensor(session.stream_result()["nll"])
     torch.testing.assert_close(nll[True], nll[False], atol=1e-4, rtol=1e-4)
+
+
+def test_oracle_attention_totals_are_the_full_cache_attention_received_so_far():
+    """What the oracle ranks by: eager attention of the full model, summed over each KV group's query heads and
+    over the queries before each step boundary."""
+    session = Session(Spec(policy="full", model="tiny"))
+    rows, n, step = ["wikitext", "moby"], 48, 16
+    totals = oracle.attention_totals(session, rows, n, step)
+    model = tiny_model()[0]
+    model.set_attn_implementation("eager")
+    ids = torch.tensor([session.tokens(r, n) for r in rows])
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions  # per layer (rows, heads, q, k)
+    kv_heads = model.config.num_key_value_heads
+    assert totals.shape == (n // step + 1, len(rows), len(attentions), kv_heads, n)
+    for layer, probs in enumerate(attentions):
+        grouped = probs.view(len(rows), kv_heads, -1, n, n).sum(2)  # (rows, kv_heads, q, k)
+        for b in range(n // step + 1):
+            torch.testing.assert_close(totals[b, :, layer], grouped[:, :, : b * step].sum(2), atol=1e-5, rtol=1e-5)

@@ -47,3 +47,20 @@ def test_matches_naive_reference(family, rolling, name, options, causal_block, m
     assert cache.evicted_tokens > 0
     # fp64 model, but transformers computes RoPE angles in fp32: agreement to ~1e-8, not 1e-15.
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sign,middle", [(-1.0, list(range(2, 8))), (1.0, list(range(10, 16)))])
+def test_eviction_score_replaced_on_a_layer_decides_the_heavy_hitters(sign, middle):
+    """A layer's ``eviction_score`` is the one ranking of heavy-hitter candidates (benchmarks/oracle.py replaces it):
+    ranking by -position keeps the oldest middle tokens, by +position the newest, around the sinks and recent."""
+    model = tiny_model("llama")
+    policy = CachePolicy.parse("h2o_2_4_12", slack=0, chunk_size=4)
+    cache = make_cache(model, policy)
+    for layer in cache.layers:
+        layer.eviction_score = lambda slots, valid_seen: sign * slots["position"].float()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 20)), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        for head in layer.slot("position")[0].tolist():
+            assert head == [0, 1] + middle + [16, 17, 18, 19]
