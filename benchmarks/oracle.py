@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from benchmarks import report
 from benchmarks.data import expand_texts, group_of
-from benchmarks.ppl import GROUP_TITLES, parse_config, stream_summary
+from benchmarks.ppl import GROUP_TITLES, make_specs, parse_config, stream_summary
 from benchmarks.runner import Session, Spec
 from h2o_cache import CachePolicy, make_cache
 
@@ -96,8 +96,7 @@ def main(argv=None) -> None:
     start = report.run_start()
     rows = expand_texts(args.texts)
     horizons = [None if h.strip() == "all" else int(h) for h in args.horizons.split(",") if h.strip()]
-    specs = [Spec(policy=name, options=options, model=args.model, device=args.device, dtype=args.dtype,
-                  threads=args.threads, data_dir=args.data_dir) for name, options in map(parse_config, args.configs.split(","))]
+    specs = make_specs(args, [parse_config(c) for c in args.configs.split(",") if c.strip()])
     totals = attention_totals(Session(specs[0]), rows, args.tokens, args.step)
     results = []
     for spec in tqdm(specs, desc="configs"):
@@ -109,6 +108,7 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     table = render(results, rows, args)
     (out / "oracle.md").write_text(table)
+    plot(out / "oracle.png", results)
     report.write_json(out / "oracle.json", {"meta": report.meta(args, start), "args": vars(args), "rows": rows,
                                             "results": results})
     print(table)
@@ -129,6 +129,33 @@ def render(results: list[dict], rows: list[str], args) -> str:
             + f"\n{args.tokens} tokens per text row, {args.step} tokens per forward after the eviction-free prefix; "
             f"rows: {', '.join(rows)}. Model: {args.model}. The oracle ranks candidates by the attention the full "
             "cache gives them after the cut; sinks, recent window, capacity and rolling are the policy's.\n")
+
+
+def plot(path, results: list[dict]) -> None:
+    """PPL above the full cache (%) per text group: one bar per config and ranking."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in results if r["policy"] in ("baseline", "full"))
+    groups = list(base["group_ppl"])
+    bounded = [r for r in results if r is not base]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups) * len(bounded) / 4, 4.2))
+    width = 0.8 / len(bounded)
+    for i, r in enumerate(bounded):
+        label = r["config"] + ("" if not r["policy"].startswith("h2o") else f", {r['ranking']}")
+        xs = [g + (i - (len(bounded) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [100 * (r["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups], width, label=label)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="+1%")
+    ax.set_xticks(range(len(groups)), [GROUP_TITLES.get(g, g) for g in groups])
+    ax.set_ylabel("PPL above the full cache (%)")
+    ax.set_title("Past vs future attention as the eviction ranking")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

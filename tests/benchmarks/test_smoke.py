@@ -41,6 +41,8 @@ def test_ppl_smoke(tmp_path):
 
 def test_oracle_smoke(tmp_path):
     oracle.main(["--smoke", "--out", str(tmp_path)])
+    for name in ("oracle.md", "oracle.json", "oracle.png"):
+        assert (tmp_path / name).stat().st_size > 0
     header, rows = table_shape((tmp_path / "oracle.md").read_text())
     assert header == oracle.columns_for(["wikitext", "pg19", "heldout"])
     assert [r[:2] for r in rows] == [
