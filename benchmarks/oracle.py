@@ -100,9 +100,10 @@ def main(argv=None) -> None:
     totals = attention_totals(Session(specs[0]), rows, args.tokens, args.step)
     results = []
     for spec in tqdm(specs, desc="configs"):
-        oracle_runs = horizons if CachePolicy.parse(spec.policy, **spec.options).needs_scores else []
-        results.append({**run_config(spec, rows, args.tokens, args.step, None, None), "ranking": PAST})
-        for horizon in oracle_runs:
+        scored = CachePolicy.parse(spec.policy, **spec.options).needs_scores
+        result = run_config(spec, rows, args.tokens, args.step, None, None)
+        results.append({**result, "ranking": PAST if scored else None})
+        for horizon in horizons if scored else []:
             result = run_config(spec, rows, args.tokens, args.step, totals, horizon)
             results.append({**result, "ranking": oracle_label(horizon), "horizon": horizon})
     out = report.out_dir(args)
@@ -122,7 +123,7 @@ def columns_for(groups: list[str]) -> list[str]:
 def render(results: list[dict], rows: list[str], args) -> str:
     groups = list(dict.fromkeys(group_of(r) for r in rows))
     base = next(r for r in results if r["policy"] in ("baseline", "full"))
-    table_rows = [[r["config"], r["ranking"] if r["policy"].startswith("h2o") else "-"]
+    table_rows = [[r["config"], r["ranking"] or "-"]
                   + [r["group_ppl"][g] for g in groups]
                   + [100 * (r["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups] for r in results]
     return (report.markdown_table(columns_for(groups), table_rows)
@@ -144,7 +145,7 @@ def plot(path, results: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups) * len(bounded) / 4, 4.2))
     width = 0.8 / len(bounded)
     for i, r in enumerate(bounded):
-        label = r["config"] + ("" if not r["policy"].startswith("h2o") else f", {r['ranking']}")
+        label = r["config"] + (f", {r['ranking']}" if r["ranking"] else "")
         xs = [g + (i - (len(bounded) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [100 * (r["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups], width, label=label)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="+1%")
