@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from benchmarks import report
 from benchmarks.data import expand_texts, group_of
-from benchmarks.ppl import GROUP_TITLES, make_specs, parse_config, stream_summary
+from benchmarks.ppl import GROUP_TITLES, full_cache_result, make_specs, parse_config, percent_above, stream_summary
 from benchmarks.runner import Session, Spec
 from h2o_cache import CachePolicy, make_cache
 
@@ -96,7 +96,10 @@ def main(argv=None) -> None:
     start = report.run_start()
     rows = expand_texts(args.texts)
     horizons = [None if h.strip() == "all" else int(h) for h in args.horizons.split(",") if h.strip()]
-    specs = make_specs(args, [parse_config(c) for c in args.configs.split(",") if c.strip()])
+    configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
+    if ("baseline", {}) not in configs and ("full", {}) not in configs:
+        parser.error("--configs must include baseline (the full cache the table compares with)")
+    specs = make_specs(args, configs)
     totals = attention_totals(Session(specs[0]), rows, args.tokens, args.step)
     results = []
     for spec in tqdm(specs, desc="configs"):
@@ -122,10 +125,9 @@ def columns_for(groups: list[str]) -> list[str]:
 
 def render(results: list[dict], rows: list[str], args) -> str:
     groups = list(dict.fromkeys(group_of(r) for r in rows))
-    base = next(r for r in results if r["policy"] in ("baseline", "full"))
-    table_rows = [[r["config"], r["ranking"] or "-"]
-                  + [r["group_ppl"][g] for g in groups]
-                  + [100 * (r["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups] for r in results]
+    base = full_cache_result(results)
+    table_rows = [[r["config"], r["ranking"] or "-"] + [r["group_ppl"][g] for g in groups]
+                  + percent_above(r, base, groups) for r in results]
     return (report.markdown_table(columns_for(groups), table_rows)
             + f"\n{args.tokens} tokens per text row, {args.step} tokens per forward after the eviction-free prefix; "
             f"rows: {', '.join(rows)}. Model: {args.model}. The oracle ranks candidates by the attention the full "
@@ -139,7 +141,7 @@ def plot(path, results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next(r for r in results if r["policy"] in ("baseline", "full"))
+    base = full_cache_result(results)
     groups = list(base["group_ppl"])
     bounded = [r for r in results if r is not base]
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups) * len(bounded) / 4, 4.2))
@@ -147,7 +149,7 @@ def plot(path, results: list[dict]) -> None:
     for i, r in enumerate(bounded):
         label = r["config"] + (f", {r['ranking']}" if r["ranking"] else "")
         xs = [g + (i - (len(bounded) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [100 * (r["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups], width, label=label)
+        ax.bar(xs, percent_above(r, base, groups), width, label=label)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="+1%")
     ax.set_xticks(range(len(groups)), [GROUP_TITLES.get(g, g) for g in groups])
     ax.set_ylabel("PPL above the full cache (%)")

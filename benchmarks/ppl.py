@@ -162,9 +162,9 @@ def render(results: list[dict], rows: list[str], args) -> str:
             round(r["ppl_time_s"], 1), r["attn_ms"], r["ttft_s"], r["tpot_ms"], r["throughput_tok_s"],
             r["kv_bytes"] / 2**20, peak / 2**30])
     text = report.markdown_table(columns_for(groups, cuda), table_rows)
-    base = next((r for r in results if r["policy"] in ("baseline", "full") and not r["options"]), None)
+    base = full_cache_result(results)
     if base is not None:
-        ratio_rows = [[r["config"]] + [100 * (r["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups]
+        ratio_rows = [[r["config"]] + percent_above(r, base, groups)
                       + [r["tpot_ms"] / base["tpot_ms"], r["ttft_s"] / base["ttft_s"], r["kv_bytes"] / base["kv_bytes"]]
                       for r in results]
         cols = ["Config"] + [f"{GROUP_TITLES.get(g, g)} vs base (%)" for g in groups] + [
@@ -174,6 +174,16 @@ def render(results: list[dict], rows: list[str], args) -> str:
              f"forward after the eviction-free prefix; rows: {', '.join(rows)}. Timing: {args.prompt}-token prompt + "
              f"{args.new} greedy tokens, {args.reps} interleaved reps, medians. Model: {args.model}.\n")
     return text
+
+
+def full_cache_result(results: list[dict]) -> dict | None:
+    """The full cache's result with default options, which ratios are taken against (None if the run has none)."""
+    return next((r for r in results if r["policy"] in ("baseline", "full") and not r["options"]), None)
+
+
+def percent_above(result: dict, base: dict, groups: list[str]) -> list[float]:
+    """PPL of ``result`` above ``base``'s, in %, per text group."""
+    return [100 * (result["group_ppl"][g] / base["group_ppl"][g] - 1) for g in groups]
 
 
 def plot(path, results: list[dict]) -> None:
