@@ -15,6 +15,9 @@ given budget, and whether the gap to the full cache is one of choosing tokens or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -23,7 +26,7 @@ from benchmarks import report
 from benchmarks.data import expand_texts, group_of
 from benchmarks.ppl import GROUP_TITLES, full_cache_result, make_specs, parse_config, percent_above, stream_summary
 from benchmarks.runner import Session, Spec
-from h2o_cache import CachePolicy, make_cache
+from h2o_cache import CachePolicy, Scorer, make_cache
 
 PAST = "past attention (H2O)"
 
@@ -43,31 +46,36 @@ def attention_totals(session: Session, rows: list[str], n_tokens: int, step: int
     return torch.stack([torch.zeros_like(received[0])] + received)
 
 
-def future_scorer(totals: torch.Tensor, layer: int, step: int, horizon: int | None):
-    """An ``H2OLayer.eviction_score`` that ranks each slot by the attention its token receives after the cut (up
-    to ``horizon`` tokens after it, or to the end of the text). Cuts fall on multiples of ``step`` when the
-    capacity and slack are multiples of it; otherwise the last partial step counts as future."""
-    last = totals.shape[0] - 1
+@dataclass
+class FutureAttention(Scorer):
+    """Ranks each slot by the attention its token receives after the cut (up to ``horizon`` tokens after it, or to
+    the end of the text), from one layer's ``totals`` ``(n_tokens // step + 1, rows, kv_heads, n_tokens)``. Cuts
+    fall on multiples of ``step`` when the capacity and slack are multiples of it; otherwise the last partial step
+    counts as future. It reads no attention of its own, so the layers run plain SDPA."""
 
-    def score(slots: dict[str, torch.Tensor], valid_seen: torch.Tensor) -> torch.Tensor:
-        if slots["position"].shape[0] != totals.shape[1]:
+    totals: torch.Tensor
+    step: int
+    horizon: int | None
+    needs_attention: ClassVar[bool] = False
+
+    def rank(self, slots: dict[str, torch.Tensor], valid_seen: torch.Tensor) -> torch.Tensor:
+        if slots["position"].shape[0] != self.totals.shape[1]:
             raise RuntimeError("the oracle expects every row to be cut at once (equal-length rows)")
-        now = int(valid_seen.min()) // step
-        end = last if horizon is None else min(last, now + horizon // step)
-        future = (totals[end, :, layer] - totals[now, :, layer]).to(slots["position"].device)
-        return future.gather(-1, slots["position"])
-
-    return score
+        last = self.totals.shape[0] - 1
+        now = int(valid_seen.min()) // self.step
+        end = last if self.horizon is None else min(last, now + self.horizon // self.step)
+        future = (self.totals[end] - self.totals[now]).to(slots["position"].device)
+        return future.gather(-1, slots["position"].long())
 
 
 def run_config(spec: Spec, rows: list[str], n_tokens: int, step: int, totals: torch.Tensor | None,
                horizon: int | None) -> dict:
     """One teacher-forced pass; with ``totals``, every layer evicts by future attention."""
     session = Session(spec)
-    session.start_stream(rows, n_tokens, step=step)
+    scorers = None
     if totals is not None:
-        for i, layer in enumerate(session.stream["cache"].layers):
-            layer.eviction_score = future_scorer(totals, i, step, horizon)
+        scorers = [FutureAttention(totals[:, :, layer], step, horizon) for layer in range(totals.shape[2])]
+    session.start_stream(rows, n_tokens, step=step, scorers=scorers)
     session.advance(n_tokens)
     return stream_summary(spec, rows, session.stream_result())
 

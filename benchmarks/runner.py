@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psutil
 import torch
 
 from benchmarks.data import FILES, resolve_data_dir, tokenize
-from h2o_cache import CachePolicy, load_model, make_cache
+from h2o_cache import CachePolicy, Scorer, load_model, make_cache
 
 PREFIX_CHUNK = 64  # tokens per forward in the eviction-free prefix; bounds the (rows, chunk, vocab) logits
 SMOKE_MODEL = "tiny"
@@ -122,13 +123,16 @@ class Session:
 
     # -- teacher-forced streams ----------------------------------------------------------------------------------
 
-    def start_stream(self, rows: list[str], n_tokens: int, step: int = 1, chunk_prefix: bool = True) -> None:
-        """Prepare a teacher-forced pass over the first ``n_tokens`` of each text row (one batch row each)."""
+    def start_stream(self, rows: list[str], n_tokens: int, step: int = 1, chunk_prefix: bool = True,
+                     scorers: Sequence[Scorer] | None = None) -> None:
+        """Prepare a teacher-forced pass over the first ``n_tokens`` of each text row (one batch row each);
+        ``scorers`` (one per layer) rank heavy hitters instead of the policy's rule."""
         ids = torch.tensor([self.tokens(r, n_tokens) for r in rows], device=self.device)
         cap = self.policy.capacity
         prefix = 0 if not chunk_prefix else (n_tokens if cap is None else min(cap, n_tokens))
         self.stream = {
-            "ids": ids, "pos": 0, "prefix": prefix, "step": step, "cache": make_cache(self.model, self.policy),
+            "ids": ids, "pos": 0, "prefix": prefix, "step": step,
+            "cache": make_cache(self.model, self.policy, scorers=scorers),
             "nll": torch.zeros(len(rows), n_tokens - 1), "time_s": 0.0, "kv_bytes_max": 0, "kept_max": 0,
         }
 

@@ -5,13 +5,21 @@ from h2o_cache.loading import load_model
 from h2o_cache.patch import disable_streaming_llm, enable_h2o_llm, enable_streaming_llm, make_cache
 from h2o_cache.policy import CachePolicy
 from h2o_cache.rope import RotaryDelta
+from h2o_cache.scorers import SCORERS, EmaScorer, KeyDiffScorer, MeanScorer, Scorer, SumScorer, TovaScorer
 from h2o_cache.snapshot import cache_state, restore_cache
 
 __all__ = [
+    "SCORERS",
     "CachePolicy",
+    "EmaScorer",
     "H2OCache",
     "H2OLayer",
+    "KeyDiffScorer",
+    "MeanScorer",
     "RotaryDelta",
+    "Scorer",
+    "SumScorer",
+    "TovaScorer",
     "cache_state",
     "disable_streaming_llm",
     "enable_h2o_llm",

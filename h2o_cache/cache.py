@@ -12,6 +12,7 @@ re-rotated so that a slot's position is its rank among the row's valid slots.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from h2o_cache import attention
 from h2o_cache.policy import CachePolicy
 from h2o_cache.rope import RotaryDelta
-from h2o_cache.scoring import heavy_hitter_score, pool_group_attention, select_kept
+from h2o_cache.scorers import Scorer, scorer_for
+from h2o_cache.scoring import select_kept
 
 # Score queries in blocks so that a block's probabilities stay under this many fp32 elements (~64 MB).
 _SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -45,10 +47,11 @@ class H2OLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, policy: CachePolicy, rotary: RotaryDelta | None = None):
+    def __init__(self, policy: CachePolicy, rotary: RotaryDelta | None = None, scorer: Scorer | None = None):
         super().__init__()
         self.policy = policy
         self.rotary = rotary
+        self.scorer = scorer if scorer is not None else scorer_for(policy)  # ranks heavy hitters (h2o policies)
         self.length = 0  # slots in use (valid or not), shared by the rows
         self.seen = 0
         self.has_padding = False
@@ -194,9 +197,10 @@ class H2OLayer(CacheLayerMixin):
         new_valid = self.new_valid if self.has_padding else None
         window = self._effective_window(sliding_window)
         mask = self._mask(q, window)
-        if self.policy.score_mode == "ema" and self.policy.needs_scores:
-            self.slot("scores").mul_(self.policy.decay**q)
-        if not self.policy.needs_scores:
+        attends = self.policy.needs_scores and self.scorer.needs_attention
+        if attends:
+            self.scorer.before_forward(self.slot("scores"), q, new_valid)
+        if not attends:
             out = self._sdpa(query, mask, scale, causal=window is None)
         elif q == 1:
             out = self._decode_with_scores(query, mask, scale, new_valid)
@@ -233,10 +237,7 @@ class H2OLayer(CacheLayerMixin):
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))  # (b, hk, 1, n) broadcasts over the group
         probs = logits.softmax(dim=-1, dtype=torch.float32)
-        if new_valid is None:
-            self.slot("scores").add_(probs.sum(dim=2))
-        else:
-            self.slot("scores").add_(pool_group_attention(probs[:, :, :, None, :], new_valid))
+        self.scorer.accumulate(self.slot("scores"), probs[:, :, :, None, :], new_valid)
         out = torch.matmul(probs.to(self.values.dtype), self.values)  # (b, hk, g, d)
         return out.view(b, hq, 1, d)
 
@@ -244,7 +245,7 @@ class H2OLayer(CacheLayerMixin):
         self, query: torch.Tensor, mask: torch.Tensor, scale: float, new_valid: torch.Tensor | None
     ) -> torch.Tensor:
         """Several query tokens, in query blocks (never a full q x n matrix): each block's probabilities give both
-        its output and the attention mass it adds to every slot."""
+        its output and, through the scorer, the scores of the slots it sees."""
         b, hq, q, d = query.shape
         hk, n = self.keys.shape[1], self.length
         qg = query.view(b, hk, hq // hk, q, d) * scale
@@ -259,7 +260,7 @@ class H2OLayer(CacheLayerMixin):
             logits = torch.matmul(qg[:, :, :, i0:i1], keys_t[..., :k1])  # (b, hk, g, blk, k1)
             logits.masked_fill_(~mask[:, :, None, i0:i1, :k1], float("-inf"))
             probs = logits.softmax(dim=-1, dtype=torch.float32)
-            scores[..., :k1].add_(pool_group_attention(probs, None if new_valid is None else new_valid[:, i0:i1]))
+            self.scorer.accumulate(scores[..., :k1], probs, None if new_valid is None else new_valid[:, i0:i1])
             outputs.append(torch.matmul(probs.to(values.dtype), values[:, :, :, :k1]))  # (b, hk, g, blk, d)
         return torch.cat(outputs, dim=3).view(b, hq, q, d)
 
@@ -309,7 +310,7 @@ class H2OLayer(CacheLayerMixin):
         """The surviving slots of ``slots`` (per-slot tensors of some rows), gathered in order. Keys are
         re-rotated to their new rank when rolling and ``rotate`` (dropping padding alone changes no rank)."""
         valid = slots["valid"]
-        score = self.eviction_score(slots, valid_seen) if self.policy.needs_scores else None
+        score = self.scorer.rank(slots, valid_seen) if self.policy.needs_scores else None
         keep, keep_valid = select_kept(self.policy, valid, score, n_keep)
         kept = {name: _gather_slots(tensor, keep) for name, tensor in slots.items()}
         if keep_valid is not None:
@@ -320,15 +321,6 @@ class H2OLayer(CacheLayerMixin):
             new_pos = kept["valid"].long().cumsum(-1) - 1
             kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
         return kept
-
-    def eviction_score(self, slots: dict[str, torch.Tensor], valid_seen: torch.Tensor) -> torch.Tensor:
-        """``(rows, kv_heads, n)`` heavy-hitter score of the slots of the rows being cut (higher survives), from
-        their accumulated attention. One place to rank by something else: an instance may replace it, as
-        ``benchmarks/oracle.py`` does to rank by the attention each token will receive."""
-        observers = None
-        if self.policy.score_mode == "mean":
-            observers = (valid_seen[:, None, None] - slots["position"]).float()
-        return heavy_hitter_score(slots["scores"], observers)
 
     def _new_counts(self, q: int) -> list[int]:
         """Valid tokens per row in the current forward (all ``q`` unless padding flags said otherwise)."""
@@ -384,7 +376,7 @@ class H2OLayer(CacheLayerMixin):
 
     def extract_row(self, row: int) -> H2OLayer:
         """A batch-1 layer holding ``row``'s valid tokens (the row itself is left as it is)."""
-        layer = H2OLayer(self.policy, self.rotary)
+        layer = H2OLayer(self.policy, self.rotary, self.scorer)
         index = self._valid_index(row)
         keys = self.slot("keys")[row : row + 1]
         layer.lazy_initialization(keys[:, :, :0], self.slot("values")[row : row + 1, :, :0])  # a session's own size
@@ -455,10 +447,16 @@ class H2OLayer(CacheLayerMixin):
 class H2OCache(Cache):
     """A transformers ``Cache`` whose layers never hold more than ``capacity + slack`` tokens after a forward."""
 
-    def __init__(self, policy: CachePolicy, num_layers: int, rotary: RotaryDelta | None = None):
+    def __init__(self, policy: CachePolicy, num_layers: int, rotary: RotaryDelta | None = None,
+                 scorers: Sequence[Scorer] | None = None):
+        """``scorers``: one per layer, ranking the heavy hitters instead of the rule ``policy.score_mode`` names."""
         if policy.rolling and policy.capacity is not None and rotary is None:
             raise ValueError("position rolling needs the model's rotary frequencies (pass `rotary`)")
-        super().__init__(layers=[H2OLayer(policy, rotary if policy.rolling else None) for _ in range(num_layers)])
+        if scorers is not None and len(scorers) != num_layers:
+            raise ValueError(f"{len(scorers)} scorers for {num_layers} layers; pass one per layer")
+        rotary = rotary if policy.rolling else None
+        scorers = scorers if scorers is not None else [scorer_for(policy)] * num_layers
+        super().__init__(layers=[H2OLayer(policy, rotary, scorer) for scorer in scorers])
         self.policy = policy
 
     def kept_tokens(self) -> int:

@@ -8,6 +8,7 @@ them and (2) with position rolling, new tokens get positions inside the cache in
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from h2o_cache import attention
 from h2o_cache.cache import H2OCache
 from h2o_cache.policy import CachePolicy
 from h2o_cache.rope import RotaryDelta
+from h2o_cache.scorers import Scorer
 
 _ORIGINAL_FORWARD = "_h2o_original_forward"
 _PREVIOUS_ATTN = "_h2o_previous_attn_implementation"
@@ -53,20 +55,23 @@ def uninstall(model: PreTrainedModel) -> None:
         delattr(model, _DEFAULT_POLICY)
 
 
-def _new_cache(model: PreTrainedModel, policy: CachePolicy) -> H2OCache:
+def _new_cache(model: PreTrainedModel, policy: CachePolicy, scorers: Sequence[Scorer] | None = None) -> H2OCache:
     needs_rotary = policy.rolling and policy.capacity is not None
     rotary = RotaryDelta.from_model(model) if needs_rotary else None
-    return H2OCache(policy, model.config.get_text_config().num_hidden_layers, rotary)
+    return H2OCache(policy, model.config.get_text_config().num_hidden_layers, rotary, scorers)
 
 
-def make_cache(model: PreTrainedModel, policy: CachePolicy | str = "full", **options: Any) -> H2OCache:
+def make_cache(model: PreTrainedModel, policy: CachePolicy | str = "full", scorers: Sequence[Scorer] | None = None,
+               **options: Any) -> H2OCache:
     """Install what the model needs (idempotent) and return a fresh cache for ``policy``.
 
-    ``options`` override policy fields (``score_mode``, ``slack``, ``chunk_size``, ``rolling``).
+    ``scorers`` (one per layer) rank heavy hitters instead of the rule ``score_mode`` names, e.g. a custom
+    :class:`~h2o_cache.scorers.Scorer`. ``options`` override policy fields (``score_mode``, ``slack``,
+    ``chunk_size``, ``rolling``).
     """
     policy = _as_policy(policy, options)
     install(model)
-    return _new_cache(model, policy)
+    return _new_cache(model, policy, scorers)
 
 
 def enable_h2o_llm(

@@ -16,10 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-ScoreMode = Literal["sum", "mean", "ema"]
-SCORE_MODES: tuple[str, ...] = ("sum", "mean", "ema")
-DEFAULT_SCORE_MODE: ScoreMode = "mean"
-DEFAULT_DECAY = 0.98
+from h2o_cache.scorers import DEFAULT_DECAY, SCORERS
+
+DEFAULT_SCORE_MODE = "mean"
 DEFAULT_SLACK = 64
 DEFAULT_CHUNK = 512
 
@@ -37,10 +36,11 @@ class CachePolicy:
         n_sink: first tokens always kept (attention sinks).
         n_recent: newest tokens always kept.
         capacity: tokens kept after an eviction (``None`` for ``full``).
-        score_mode: ``"sum"`` ranks heavy hitters by summed attention (the paper); ``"mean"`` divides by the number
-            of queries that saw the token, which stops old tokens winning just because they are old; ``"ema"``
-            decays the accumulated attention by ``decay`` per new token, so attention that recent queries pay counts
-            most (``decay`` 1 is ``sum``).
+        score_mode: how heavy hitters are ranked, a rule of :mod:`h2o_cache.scorers`: ``"sum"`` summed attention
+            (the H2O paper); ``"mean"`` divided by the number of queries that saw the token, which stops old tokens
+            winning just because they are old; ``"ema"`` decayed by ``decay`` per new token, so attention that
+            recent queries pay counts most; ``"tova"`` the newest query's attention only (TOVA); ``"keydiff"`` the
+            keys least similar to the mean key (KeyDiff; no attention weights, so plain SDPA).
         decay: per-token decay of the ``ema`` score.
         slack: extra tokens the cache may hold before it is cut back to ``capacity`` in one gather (0 = every step).
         chunk_size: prompt tokens per forward during prefill, so long prompts run in bounded memory.
@@ -52,7 +52,7 @@ class CachePolicy:
     n_sink: int = 0
     n_recent: int = 0
     capacity: int | None = None
-    score_mode: ScoreMode = DEFAULT_SCORE_MODE
+    score_mode: str = DEFAULT_SCORE_MODE
     decay: float = DEFAULT_DECAY
     slack: int = DEFAULT_SLACK
     chunk_size: int = DEFAULT_CHUNK
@@ -71,8 +71,8 @@ class CachePolicy:
             raise ValueError(f"decay must be a number, got {self.decay!r}")
         if self.kind not in ("full", "streaming", "h2o"):
             raise ValueError(f"unknown policy kind {self.kind!r}; expected 'full', 'streaming' or 'h2o'")
-        if self.score_mode not in SCORE_MODES:
-            raise ValueError(f"unknown score_mode {self.score_mode!r}; expected one of {SCORE_MODES}")
+        if self.score_mode not in SCORERS:
+            raise ValueError(f"unknown score_mode {self.score_mode!r}; expected one of {tuple(SCORERS)}")
         for field in ("n_sink", "n_recent", "slack"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")

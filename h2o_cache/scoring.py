@@ -1,4 +1,4 @@
-"""Policy math: pool attention into per-slot scores, and choose which slots survive an eviction.
+"""Selection: which slots survive an eviction, given a score per slot (:mod:`h2o_cache.scorers` makes it).
 
 Every policy keeps the first ``n_sink`` valid tokens and the newest ``n_recent`` valid tokens; H2O fills the rest of
 the capacity with the highest-scoring tokens. Padding slots rank below everything, so they go first.
@@ -12,26 +12,6 @@ from h2o_cache.policy import CachePolicy
 
 _PROTECTED = torch.finfo(torch.float32).max
 _DROPPED = -torch.finfo(torch.float32).max
-
-
-def pool_group_attention(probs: torch.Tensor, query_valid: torch.Tensor | None) -> torch.Tensor:
-    """Sum post-softmax attention over the query heads of each KV group and over the (valid) queries.
-
-    Args:
-        probs: ``(batch, kv_heads, group, q_len, kv_len)`` fp32 attention probabilities.
-        query_valid: ``(batch, q_len)`` bool, False for padding queries (their rows are garbage), or None.
-
-    Returns:
-        ``(batch, kv_heads, kv_len)`` attention mass received by each slot in this forward.
-    """
-    if query_valid is not None:
-        probs = probs * query_valid[:, None, None, :, None].to(probs.dtype)
-    return probs.sum(dim=(2, 3))
-
-
-def heavy_hitter_score(acc: torch.Tensor, obs: torch.Tensor | None) -> torch.Tensor:
-    """``sum`` mode ranks by accumulated attention; ``mean`` (``obs`` given) by attention per observing query."""
-    return acc if obs is None else acc / obs.clamp(min=1.0)
 
 
 def select_kept(

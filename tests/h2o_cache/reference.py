@@ -12,7 +12,9 @@ import math
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from h2o_cache import CachePolicy, RotaryDelta
+from h2o_cache import CachePolicy, RotaryDelta, make_cache
+
+from .models import VOCAB, tiny_model
 
 NAME = "h2o_reference"
 
@@ -30,22 +32,31 @@ def _rotate(x: torch.Tensor, delta: float, inv_freq: torch.Tensor) -> torch.Tens
 
 
 class HeadState:
-    """What one (layer, KV head) keeps: token indices in order, summed attention, observing queries."""
+    """What one (layer, KV head) keeps: token indices in order, attention received (summed, or the last query's
+    for TOVA), observing queries."""
 
     def __init__(self) -> None:
         self.kept: list[int] = []
         self.acc: dict[int, float] = {}
         self.obs: dict[int, int] = {}
 
-    def score(self, token: int, mode: str) -> float:
-        return self.acc[token] / max(self.obs[token], 1) if mode == "mean" else self.acc[token]
+    def scores(self, mode: str, keys: list[torch.Tensor]) -> dict[int, float]:
+        """Each kept token's score; ``keys`` are the kept tokens' keys as the model sees them."""
+        if mode == "keydiff":  # -cos(key, mean of the unit keys)
+            unit = [k / k.norm() for k in keys]
+            anchor = sum(unit) / len(unit)
+            return {t: -float(u @ anchor / anchor.norm()) for t, u in zip(self.kept, unit)}
+        if mode == "mean":
+            return {t: self.acc[t] / max(self.obs[t], 1) for t in self.kept}
+        return dict(self.acc)
 
-    def evict(self, policy: CachePolicy, n_keep: int) -> None:
+    def evict(self, policy: CachePolicy, n_keep: int, keys: list[torch.Tensor]) -> None:
         sinks = self.kept[: policy.n_sink]
         recent = self.kept[len(self.kept) - policy.n_recent :] if policy.n_recent else []
         middle = [t for t in self.kept if t not in sinks and t not in recent]
         n_heavy = n_keep - len(sinks) - len(recent)
-        heavy = sorted(middle, key=lambda t: self.score(t, policy.score_mode), reverse=True)[:n_heavy]
+        score = self.scores(policy.score_mode, keys)
+        heavy = sorted(middle, key=score.get, reverse=True)[:n_heavy]
         if not policy.needs_scores:
             heavy = []
         self.kept = sorted(sinks + recent + heavy)
@@ -89,7 +100,7 @@ class ReferencePolicy:
         out = torch.zeros(1, q, n_heads, d, dtype=query.dtype)
         for h, state in enumerate(self.heads[module.layer_idx]):
             if len(state.kept) > cap and len(state.kept) + q > cap + max(slack, q):
-                state.evict(policy, cap)
+                state.evict(policy, cap, self._keys_as_seen(key[0, h], state.kept))
             if policy.score_mode == "ema":
                 for k in state.kept:
                     state.acc[k] *= policy.decay**q
@@ -98,16 +109,15 @@ class ReferencePolicy:
                 state.acc[t], state.obs[t] = 0.0, 0
             for i, t in enumerate(new):
                 visible = [k for k in state.kept if k <= t]
-                keys = key[0, h, visible].double()
+                keys_at = torch.stack(self._keys_as_seen(key[0, h], visible))
                 q_pos = state.kept.index(t)
+                if policy.score_mode == "tova":  # only the newest query counts
+                    state.acc = dict.fromkeys(state.kept, 0.0)
                 for g in range(group):
                     head = h * group + g
                     qv = query[0, head, i].double()
-                    if policy.rolling:  # the model rotated both at absolute positions; move them to kept ranks
+                    if policy.rolling:
                         qv = _rotate(qv, q_pos - t, self.inv_freq)
-                        keys_at = torch.stack([_rotate(keys[j], j - k, self.inv_freq) for j, k in enumerate(visible)])
-                    else:
-                        keys_at = keys
                     probs = torch.softmax(keys_at @ qv * scaling, dim=0)
                     out[0, i, head] = (probs @ value[0, h, visible].double()).to(query.dtype)
                     for k, p in zip(visible, probs.tolist()):
@@ -115,8 +125,39 @@ class ReferencePolicy:
                 for k in visible:
                     state.obs[k] += 1
             if len(state.kept) > cap + slack:
-                state.evict(policy, cap)
+                state.evict(policy, cap, self._keys_as_seen(key[0, h], state.kept))
         return out, None
+
+    def _keys_as_seen(self, keys: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
+        """``tokens``' keys (a prefix of the kept list) as the model sees them: the model rotated them at absolute
+        positions; with rolling, move each to its rank among the kept tokens."""
+        if not self.policy.rolling:
+            return [keys[t].double() for t in tokens]
+        return [_rotate(keys[t].double(), j - t, self.inv_freq) for j, t in enumerate(tokens)]
 
     def kept(self, layer: int, head: int) -> list[int]:
         return self.heads[layer][head].kept
+
+
+def assert_matches_reference(family: str, policy: CachePolicy) -> None:
+    """A 30-token prompt (chunks of ``policy.chunk_size``) and 25 decode steps through the cache and through the
+    reference, on an fp64 model: the same tokens kept after every step, the same logits."""
+    model = tiny_model(family, dtype=torch.float64)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, VOCAB, (1, 30))
+    steps = torch.randint(0, VOCAB, (1, 25))
+    reference = ReferencePolicy(model, policy)
+    cache = make_cache(model, policy)
+    with torch.no_grad():
+        want = [reference.forward(prompt)[:, -1]]
+        got = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for i in range(steps.shape[1]):
+            want.append(reference.forward(steps[:, i : i + 1])[:, -1])
+            got.append(model(steps[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            for layer_idx, layer in enumerate(cache.layers):
+                kept = layer.slot("position")[0]
+                for head in range(kept.shape[0]):
+                    assert kept[head].tolist() == reference.kept(layer_idx, head), (i, layer_idx, head)
+    assert cache.evicted_tokens > 0
+    # fp64 model, but transformers computes RoPE angles in fp32: agreement to ~1e-8, not 1e-15.
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-6, atol=1e-7)
