@@ -1,4 +1,5 @@
-"""The one place that drives a model through a cache: teacher-forced NLL streams and timed generation.
+"""The one place that drives a model through a cache: teacher-forced NLL streams, timed generation and chat
+conversations that are asked questions (recall).
 
 A :class:`Session` is one (model, cache policy) pair. Scripts create one per config (in its own worker process, see
 :mod:`benchmarks.workers`) and advance them in round-robin, so that machine noise hits every config alike.
@@ -11,6 +12,7 @@ as one token per forward (checked in tests/benchmarks), a fraction of the CPU ti
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import time
@@ -21,7 +23,7 @@ import psutil
 import torch
 
 from benchmarks.data import FILES, resolve_data_dir, tokenize
-from h2o_cache import CachePolicy, Scorer, load_model, make_cache
+from h2o_cache import CachePolicy, H2OCache, Scorer, load_model, make_cache
 
 PREFIX_CHUNK = 64  # tokens per forward in the eviction-free prefix; bounds the (rows, chunk, vocab) logits
 SMOKE_MODEL = "tiny"
@@ -31,9 +33,19 @@ class ByteTokenizer:
     """UTF-8 bytes as token ids: the tokenizer of the in-process tiny model (no files, no hub)."""
 
     vocab_size = 256
+    eos_token_id = None  # a random model never stops; generation runs to its token limit
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        """A trivial ``role: content`` template, so that chat benchmarks' smoke runs take the real code path."""
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant: " if add_generation_prompt else "")
 
 
 def tiny_model():
@@ -112,9 +124,10 @@ class Session:
         self.attn = AttentionTimer(self.model)
         self.stream: dict | None = None
         self.generation: dict | None = None
+        self.chat: H2OCache | None = None
 
     def tokens(self, row: str, n_tokens: int) -> list[int]:
-        synthetic = self.smoke and not _data_available(self.spec.data_dir)
+        synthetic = self.smoke and not data_available(self.spec.data_dir)
         return tokenize(self.tokenizer, row, n_tokens, self.spec.data_dir, synthetic=synthetic)
 
     @torch.inference_mode()
@@ -217,6 +230,68 @@ class Session:
         cache, self.generation = self.generation["cache"], None
         return cache.nbytes()
 
+    # -- chat recall ---------------------------------------------------------------------------------------------
+
+    def chat_text(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        """``messages`` as the model's chat template renders them (the parent process has no tokenizer)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+
+    def start_chat(self) -> int:
+        """Start an empty conversation cache; returns the positions the model was trained on."""
+        self.chat = make_cache(self.model, self.policy)
+        return self.model.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def extend_chat(self, ids: list[int]) -> dict:
+        """Append ``ids`` to the conversation in one call (the patched forward runs it in ``chunk_size`` chunks, as
+        a server would feed a long turn). Returns the seconds it took and what the cache holds afterwards."""
+        self._sync()
+        t0 = time.perf_counter()
+        self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.chat, use_cache=True,
+                   logits_to_keep=1)
+        self._sync()
+        return {"time_s": time.perf_counter() - t0, "kv_bytes": self.chat.nbytes(),
+                "kept_tokens": self.chat.kept_tokens(), "evicted_tokens": self.chat.evicted_tokens}
+
+    @torch.inference_mode()
+    def probe(self, prompt_ids: list[int], answer_ids: list[int], max_new: int) -> dict:
+        """Ask the conversation a question without changing it, each branch on its own copy of the cache: the
+        log-probability of each token of ``answer_ids`` after ``prompt_ids`` (teacher-forced, one forward), and up
+        to ``max_new`` greedy tokens after ``prompt_ids`` (stopping at EOS). ``max_position`` is the largest
+        position id either branch gave a token."""
+        self._sync()
+        t0 = time.perf_counter()
+        forced = copy.deepcopy(self.chat)
+        logits = self._forward(forced, torch.tensor([prompt_ids + answer_ids], device=self.device))[0].float()
+        answer = torch.tensor(answer_ids, device=self.device)
+        token_logprobs = logits[len(prompt_ids) - 1 : -1].log_softmax(-1).gather(-1, answer[:, None]).squeeze(-1)
+        max_position = _last_position(forced, self.device)
+        del forced
+        cache = copy.deepcopy(self.chat)
+        logits = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits
+        generated: list[int] = []
+        while True:
+            token = int(logits[0, -1].argmax())
+            if token == self.tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            if len(generated) == max_new:
+                break
+            logits = self._forward(cache, torch.tensor([[token]], device=self.device))
+        self._sync()
+        return {
+            "token_logprobs": token_logprobs.tolist(), "generated": self.tokenizer.decode(generated),
+            "max_position": max(max_position, _last_position(cache, self.device)),
+            "time_s": time.perf_counter() - t0,
+        }
+
+    def end_chat(self) -> None:
+        self.chat = None
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -225,5 +300,12 @@ class Session:
         return process_memory()
 
 
-def _data_available(data_dir: str | None) -> bool:
+def data_available(data_dir: str | None) -> bool:
+    """Whether every text is in the data folder (smoke runs fall back to synthetic text where it is not)."""
     return all((resolve_data_dir(data_dir) / f).is_file() for f in FILES.values())
+
+
+def _last_position(cache: H2OCache, device: torch.device) -> int:
+    """The position id the cache gave its latest token (the full cache's count of tokens seen minus one; with
+    position rolling, a position inside the kept tokens)."""
+    return int(cache.next_positions(None, 1, device).max()) - 1

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablate, batching, eviction, oracle, ppl, speed, step_check, stress
+from benchmarks import ablate, batching, eviction, oracle, ppl, recall, speed, step_check, stress
 from benchmarks.runner import Session, Spec, tiny_model
 from h2o_cache import CachePolicy
 
@@ -52,6 +52,49 @@ def test_oracle_smoke(tmp_path):
     h2o = [r for r in results if r["policy"] == "h2o_4_16_64"]
     assert all(r["evicted_tokens"] > 0 and r["kept_tokens_max"] <= 64 + 64 for r in h2o)
     assert len({r["group_ppl"]["wikitext"] for r in h2o}) == 3  # the rankings really differ
+
+
+def test_recall_smoke(tmp_path):
+    configs = recall.SMOKE_CONFIGS.split(",") + ["h2o_4_16_64:score_mode=sum"]
+    recall.main(["--smoke", "--out", str(tmp_path), "--configs", ",".join(configs)])
+    for name in ("recall.md", "recall.json", "recall.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    header, rows = table_shape((tmp_path / "recall.md").read_text())
+    assert header == recall.COLUMNS
+    labels = recall.SMOKE_CONFIGS.split(",") + ["h2o_4_16_64[score_mode=sum]"]
+    distances = recall.SMOKE_DISTANCES.split(",")
+    assert [(r[0], r[1].rstrip("*")) for r in rows] == [(c, d) for c in labels for d in distances]
+    assert all(r[3].endswith(f"/{len(recall.FACTS)}") for r in rows)
+    results = json.loads((tmp_path / "recall.json").read_text())["results"]
+    kv = {(r["config"], r["distance"]): r["kv_bytes"] for r in results}
+    near, far = (int(d) for d in distances)
+    for label in labels[1:]:
+        assert kv[label, near] == kv[label, far] < kv["full", far]  # bounded: constant, below the full cache
+    assert [r["past_trained"] for r in results if r["distance"] == far] == [True, False, False, False]
+    assert all(len(r["facts"]) == len(recall.FACTS) and all(f["logprob"] < 0 for f in r["facts"]) for r in results)
+
+
+def test_recall_questions_match_a_plain_forward():
+    """Through the full cache (fed in chunks), a question's answer log-probs and greedy tokens are those of plain
+    forwards of the whole text, and asking leaves the conversation as it was."""
+    session = Session(Spec(policy="full", model="tiny", options={"chunk_size": 64}))
+    ids = session.tokens("moby", 275)
+    session.start_chat()
+    session.extend_chat(ids=ids[:200])
+    session.extend_chat(ids=ids[200:250])
+    first = session.probe(prompt_ids=ids[250:270], answer_ids=ids[270:], max_new=4)
+    again = session.probe(prompt_ids=ids[250:270], answer_ids=ids[270:], max_new=4)
+    assert {k: v for k, v in first.items() if k != "time_s"} == {k: v for k, v in again.items() if k != "time_s"}
+    model = tiny_model()[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, 269:274]
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids[270:])[:, None]).squeeze(-1)
+        greedy = ids[:270]
+        for _ in range(4):
+            greedy.append(int(model(input_ids=torch.tensor([greedy])).logits[0, -1].argmax()))
+    torch.testing.assert_close(torch.tensor(first["token_logprobs"]), expected, atol=1e-4, rtol=1e-4)
+    assert first["generated"] == session.tokenizer.decode(greedy[270:])
+    assert first["max_position"] == 274
 
 
 def test_ablate_smoke(tmp_path):
