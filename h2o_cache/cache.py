@@ -1,9 +1,17 @@
 """Bounded KV cache storage: one :class:`H2OLayer` per model layer inside an :class:`H2OCache`.
 
-Each layer preallocates ``capacity + slack`` slots (another ``slack`` when rows hold padding, as in a pool) and
-writes new tokens in place (a prefill chunk grows them to ``capacity + chunk`` for that forward only). Next to the keys and values it keeps, per (batch row, KV head, slot):
-the token's original position (its rank among the row's valid tokens), a validity flag (padding) and the
-accumulated attention. In ``mean`` mode the number of queries that saw a slot is derived, not stored: every valid
+Each layer's storage grows in pages of ``PAGE`` slots up to ``capacity + slack`` (another ``slack`` when rows hold
+padding, as in a pool), so a short session holds only the pages it uses; new tokens are written in place (a
+prefill chunk grows the buffers to ``capacity + chunk`` for that forward only). Next to the keys and values it keeps,
+per (batch row, KV head, slot): the token's original position (its rank among the row's valid tokens), a validity
+flag (padding) and the accumulated attention.
+
+Keys and values are stored as ``policy.kv_dtype`` says (:mod:`h2o_cache.quant`). When that is not the model's dtype,
+the stored codes never change after they are written (eviction gathers them, nothing re-quantizes), and attention
+reads a working copy in the model's dtype: the decoded codes, keys rotated from the position they were stored at
+(``rot_pos``) to their position now. The working copy exists only while the layer is in use; :meth:`release_working`
+drops it (a session at rest holds only its codes) and the next forward rebuilds it. Position rolling therefore never
+accumulates error: a key kept through any number of evictions is one rotation away from its quantized value. In ``mean`` mode the number of queries that saw a slot is derived, not stored: every valid
 query after a token sees it, so it is ``valid tokens seen - position``. When a row grows past ``capacity + slack``
 it is cut back to ``capacity`` in one gather of that row alone; with position rolling the surviving keys are
 re-rotated so that a slot's position is its rank among the row's valid slots.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o_cache import attention
 from h2o_cache.policy import CachePolicy
+from h2o_cache.quant import Codec, FloatCodec, make_codec
 from h2o_cache.rope import RotaryDelta
 from h2o_cache.scorers import Scorer, scorer_for
 from h2o_cache.scoring import select_kept
@@ -29,6 +39,26 @@ _SCORE_BLOCK_ELEMENTS = 1 << 24
 # At most this many queries per block, so that each block computes only the keys its queries may see (a prompt's
 # first chunk then skips ~40% of the QK^T and softmax work above the causal diagonal).
 _CAUSAL_BLOCK = 128
+PAGE = 64
+"""Slots a layer's storage grows by."""
+_WORK = "work_"
+"""Prefix of the working (decoded) keys and values: in-use buffers, not part of what a session holds."""
+
+
+def slot_fields(codecs: dict[str, Codec], dims: dict[str, int], scores: bool, tracks_rotation: bool
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every per-slot tensor a layer stores for a session: name -> (trailing shape, dtype)."""
+    fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for kind, codec in codecs.items():
+        for suffix, (size, dtype) in codec.fields(dims[kind]).items():
+            fields[kind + suffix] = ((size,), dtype)
+    fields["position"] = ((), torch.int32)
+    fields["valid"] = ((), torch.bool)
+    if scores:
+        fields["scores"] = ((), torch.float32)
+    if tracks_rotation:
+        fields["rot_pos"] = ((), torch.int32)
+    return fields
 
 
 def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -61,35 +91,95 @@ class H2OLayer(CacheLayerMixin):
         self.new_counts: list[int] = []  # valid tokens per row in the current forward
         self._valid_seen: torch.Tensor | None = None  # (batch,) valid tokens appended so far
         self._slots: dict[str, torch.Tensor] = {}
+        self._fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.codecs: dict[str, Codec] = {}
+        self.direct = True  # keys and values stored in the model's dtype: attention reads the storage itself
+        self.working = False  # the decoded working copy exists (only when not direct)
+        self._batch = self._kv_heads = 0
+        self._dims: dict[str, int] = {}
 
     # -- storage -------------------------------------------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-        policy = self.policy
-        n = self._steady_slots if policy.capacity else 256
-        self._allocate(key_states, value_states, max(n, key_states.shape[-2]))
+        b, h, q, key_dim = key_states.shape
+        self._init_storage(b, h, key_dim, value_states.shape[-1], key_states.dtype, key_states.device, q)
 
-    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, n_slots: int) -> None:
+    def _init_storage(self, batch: int, kv_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype,
+                      device: torch.device, n_tokens: int) -> None:
+        """Choose the codecs for a model computing in ``dtype`` and allocate the pages ``n_tokens`` need."""
+        self.dtype, self.device = dtype, device
+        self.is_initialized = True
+        self._batch, self._kv_heads = batch, kv_heads
+        self._dims = {"keys": key_dim, "values": value_dim}
+        self.codecs = {kind: make_codec(self.policy.kv_dtype, dtype, dim, kind) for kind, dim in self._dims.items()}
+        self.direct = all(codec == FloatCodec(dtype) for codec in self.codecs.values())
+        tracks_rotation = not self.direct and self.rotary is not None
+        scores = self.policy.needs_scores and self.scorer.needs_attention
+        self._fields = slot_fields(self.codecs, self._dims, scores, tracks_rotation)
+        self._allocate(self._grow_target(n_tokens))
+
+    def _allocate(self, n_slots: int) -> None:
         """(Re)allocate every per-slot tensor with ``n_slots`` slots, keeping the slots in use."""
-        b, h = key_states.shape[:2]
-        kw = {"device": self.device}
-        new = {
-            "keys": torch.zeros(b, h, n_slots, key_states.shape[-1], dtype=self.dtype, **kw),
-            "values": torch.zeros(b, h, n_slots, value_states.shape[-1], dtype=value_states.dtype, **kw),
-            "position": torch.zeros(b, h, n_slots, dtype=torch.int64, **kw),
-            "valid": torch.ones(b, h, n_slots, dtype=torch.bool, **kw),
-        }
-        if self.policy.needs_scores:
-            new["scores"] = torch.zeros(b, h, n_slots, dtype=torch.float32, **kw)
+        b, h = self._batch, self._kv_heads
+        fields = dict(self._fields)
+        if self.working:
+            fields.update({_WORK + kind: ((dim,), self.dtype) for kind, dim in self._dims.items()})
+        new = {name: torch.zeros(b, h, n_slots, *shape, dtype=dtype, device=self.device)
+               for name, (shape, dtype) in fields.items()}
+        new["valid"].fill_(True)
         if self._valid_seen is None:
-            self._valid_seen = torch.zeros(b, dtype=torch.int64, **kw)
+            self._valid_seen = torch.zeros(b, dtype=torch.int64, device=self.device)
             self.row_valid, self.row_evicted = [0] * b, [0] * b
         for name, old in self._slots.items():
             new[name][:, :, : self.length] = old[:, :, : self.length]
         self._slots = new
         self._refresh_views()
+
+    def _grow_target(self, need: int) -> int:
+        """Slots to allocate for ``need`` slots in use: whole pages, at most the steady size of a bounded layer
+        (more only for a prefill chunk's forward)."""
+        pages = -(-max(need, 1) // PAGE) * PAGE
+        return pages if self.policy.capacity is None else max(need, min(pages, self._steady_slots))
+
+    def _set_working(self, on: bool) -> None:
+        """Create (decoding every slot in use) or drop the working copy of a layer that is not ``direct``."""
+        if self.direct or on == self.working:
+            return
+        self.working = on
+        if on:
+            for kind, dim in self._dims.items():
+                self._slots[_WORK + kind] = torch.zeros(self._batch, self._kv_heads, self.n_slots, dim,
+                                                        dtype=self.dtype, device=self.device)
+            self._materialize()
+        else:
+            for kind in self._dims:
+                del self._slots[_WORK + kind]
+        self._refresh_views()
+
+    def release_working(self) -> None:
+        """Free the decoded working copy (a session at rest holds only its stored codes)."""
+        self._set_working(False)
+
+    def _decoded(self, kind: str, slots: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decode ``kind`` (keys or values) from the stored codes in ``slots`` (per-slot tensors of some rows)."""
+        codec = self.codecs[kind]
+        return codec.decode({suffix: slots[kind + suffix] for suffix in codec.fields(self._dims[kind])}, self.dtype)
+
+    def _current_keys(self, keys: torch.Tensor, slots: dict[str, torch.Tensor], model_pos: torch.Tensor
+                      ) -> torch.Tensor:
+        """Decoded ``keys`` rotated from the position they were stored at to ``model_pos``."""
+        if "rot_pos" not in slots:
+            return keys
+        return self.rotary.rotate(keys, model_pos - slots["rot_pos"])
+
+    def _materialize(self, rows: list[int] | None = None) -> None:
+        """Rebuild the working copy of ``rows`` (default: all) from the stored codes."""
+        sel = slice(None) if rows is None else torch.tensor(rows, device=self.device)
+        slots = {name: t[sel, :, : self.length] for name, t in self._slots.items()}
+        model_pos = self._model_positions().expand(self._batch, self._kv_heads, self.length)[sel]
+        keys = self._current_keys(self._decoded("keys", slots), slots, model_pos)
+        self._slots[_WORK + "keys"][sel, :, : self.length] = keys
+        self._slots[_WORK + "values"][sel, :, : self.length] = self._decoded("values", slots)
 
     @property
     def _steady_slots(self) -> int:
@@ -100,11 +190,16 @@ class H2OLayer(CacheLayerMixin):
         return p.capacity + max(p.slack, 1) + (p.slack if self.has_padding else 0)
 
     def _refresh_views(self) -> None:
-        self.keys = self._slots["keys"][:, :, : self.length]
-        self.values = self._slots["values"][:, :, : self.length]
+        prefix = "" if self.direct else _WORK
+        if prefix + "keys" in self._slots:
+            self.keys = self._slots[prefix + "keys"][:, :, : self.length]
+            self.values = self._slots[prefix + "values"][:, :, : self.length]
+        else:
+            self.keys = self.values = None
 
     def slot(self, name: str) -> torch.Tensor:
-        """The in-use part of a per-slot tensor: ``keys``, ``values``, ``position`` (original), ``valid``, ``scores``."""
+        """The in-use part of a per-slot tensor: ``keys``, ``values`` (codes), ``position`` (original), ``valid``,
+        ``scores``; with integer storage also ``keys_scale`` etc., with rolling ``rot_pos``."""
         return self._slots[name][:, :, : self.length]
 
     @property
@@ -112,7 +207,22 @@ class H2OLayer(CacheLayerMixin):
         return self._slots["keys"].shape[2] if self._slots else 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._slots.values())
+        """Bytes this layer holds for its rows: codes, scales and bookkeeping (not the working copy)."""
+        return sum(t.numel() * t.element_size() for name, t in self._slots.items() if name in self._fields)
+
+    def working_nbytes(self) -> int:
+        """Bytes of the decoded working copy (0 when direct or released)."""
+        return sum(t.numel() * t.element_size() for name, t in self._slots.items() if name not in self._fields)
+
+    def _write(self, kind: str, start: int, end: int, states: torch.Tensor) -> None:
+        """Store new keys or values in slots ``start:end`` (and their decoded form in the working copy)."""
+        if self.direct:
+            self._slots[kind][:, :, start:end] = states
+            return
+        parts, decoded = self.codecs[kind].encode(states, self.dtype)
+        for suffix, tensor in parts.items():
+            self._slots[kind + suffix][:, :, start:end] = tensor
+        self._slots[_WORK + kind][:, :, start:end] = decoded
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -125,13 +235,20 @@ class H2OLayer(CacheLayerMixin):
         if self.length + q > self.n_slots and self.has_padding and bounded and self.n_slots >= self._steady_slots:
             self._compact(list(self.row_valid))  # drop padding slots only
         if self.length + q > self.n_slots:
-            grow = max(self.length + q, self._steady_slots if bounded else 2 * self.n_slots)
-            self._allocate(key_states, value_states, grow)
+            self._allocate(self._grow_target(self.length + q))
+        self._set_working(True)
         start, end = self.length, self.length + q
         s = self._slots
-        s["keys"][:, :, start:end] = key_states
-        s["values"][:, :, start:end] = value_states
+        self._write("keys", start, end, key_states)
+        self._write("values", start, end, value_states)
         new_valid = self.new_valid
+        if "rot_pos" in s:  # the position the model rotated the new keys to: their rank among the valid slots
+            if new_valid is None and len(self.row_valid) == 1:
+                s["rot_pos"][:, :, start:end] = torch.arange(q, device=self.device) + self.row_valid[0]
+            else:
+                offsets = torch.arange(q, device=self.device) if new_valid is None else new_valid.long().cumsum(-1) - 1
+                base = torch.tensor(self.row_valid, device=self.device)[:, None]
+                s["rot_pos"][:, :, start:end] = (base + offsets)[:, None]
         if new_valid is None and q == 1:  # the decode hot path: no temporaries
             s["position"][:, :, start].copy_(self._valid_seen[:, None])
             self._valid_seen += 1
@@ -210,7 +327,7 @@ class H2OLayer(CacheLayerMixin):
         if cap is not None and max(self.row_valid) > cap + self.policy.slack:
             self._compact([cap if v > cap + self.policy.slack else v for v in self.row_valid])
             if self.length <= self._steady_slots < self.n_slots:  # a prefill chunk grew the buffers
-                self._allocate(self._slots["keys"], self._slots["values"], self._steady_slots)
+                self._allocate(self._grow_target(self.length))
         return out.transpose(1, 2).contiguous()
 
     def _sdpa(self, query: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
@@ -284,6 +401,7 @@ class H2OLayer(CacheLayerMixin):
         gathered, and written back right-aligned so the other rows and the shared length stay as they are: a
         row's eviction costs one row's worth of work, not the whole pool's. Otherwise every row is gathered to
         the front and the length becomes ``max(n_keep)`` (a shorter row's extra slots become padding)."""
+        self._set_working(True)
         cut = [r for r, (k, v) in enumerate(zip(n_keep, self.row_valid)) if k < v]
         if cut and len(cut) < len(n_keep):
             rows = torch.tensor(cut, device=self.device)
@@ -310,16 +428,20 @@ class H2OLayer(CacheLayerMixin):
         """The surviving slots of ``slots`` (per-slot tensors of some rows), gathered in order. Keys are
         re-rotated to their new rank when rolling and ``rotate`` (dropping padding alone changes no rank)."""
         valid = slots["valid"]
-        score = self.scorer.rank(slots, valid_seen) if self.policy.needs_scores else None
+        scored = slots if self.direct else {**slots, "keys": slots[_WORK + "keys"]}  # keys as the model sees them
+        score = self.scorer.rank(scored, valid_seen) if self.policy.needs_scores else None
         keep, keep_valid = select_kept(self.policy, valid, score, n_keep)
         kept = {name: _gather_slots(tensor, keep) for name, tensor in slots.items()}
         if keep_valid is not None:
             kept["valid"] &= keep_valid
             self.has_padding = True
         if self.rotary is not None and rotate:
-            old_pos = (valid.long().cumsum(-1) - 1).gather(2, keep)
             new_pos = kept["valid"].long().cumsum(-1) - 1
-            kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
+            if self.direct:
+                old_pos = (valid.long().cumsum(-1) - 1).gather(2, keep)
+                kept["keys"] = self.rotary.rotate(kept["keys"], new_pos - old_pos)
+            else:  # from the codes, never from the working copy: no error accumulates
+                kept[_WORK + "keys"] = self._current_keys(self._decoded("keys", kept), kept, new_pos)
         return kept
 
     def _new_counts(self, q: int) -> list[int]:
@@ -339,9 +461,8 @@ class H2OLayer(CacheLayerMixin):
 
     def init_empty(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate ``batch`` empty rows (all slots padding), for a pool that sessions join and leave."""
-        empty = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.has_padding = True
-        self.lazy_initialization(empty, empty)
+        self._init_storage(batch, kv_heads, head_dim, head_dim, dtype, device, 0)
         self._slots["valid"].fill_(False)
 
     def _valid_index(self, row: int) -> torch.Tensor:
@@ -360,7 +481,7 @@ class H2OLayer(CacheLayerMixin):
         if n > self.length:
             shift = n - self.length
             if n > self.n_slots:
-                self._allocate(self._slots["keys"], self._slots["values"], n)
+                self._allocate(n)
             for tensor in self._slots.values():
                 tensor[:, :, shift:n] = tensor[:, :, : self.length].clone()
             self._slots["valid"][:, :, :shift] = False
@@ -368,21 +489,21 @@ class H2OLayer(CacheLayerMixin):
         start = self.length - n
         self._slots["valid"][row, :, :start] = False
         for name, tensor in self._slots.items():
-            tensor[row, :, start : self.length] = _gather_slots(source.slot(name)[0], index)
+            if name in source._slots:
+                tensor[row, :, start : self.length] = _gather_slots(source.slot(name)[0], index)
         self._valid_seen[row] = source._valid_seen[0]
         self.row_valid[row], self.row_evicted[row] = n, source.row_evicted[0]
         self.has_padding = True
+        if self.working and not source.working:
+            self._materialize([row])
         self._refresh_views()
 
     def extract_row(self, row: int) -> H2OLayer:
         """A batch-1 layer holding ``row``'s valid tokens (the row itself is left as it is)."""
         layer = H2OLayer(self.policy, self.rotary, self.scorer)
         index = self._valid_index(row)
-        keys = self.slot("keys")[row : row + 1]
-        layer.lazy_initialization(keys[:, :, :0], self.slot("values")[row : row + 1, :, :0])  # a session's own size
         n = self.row_valid[row]
-        if n > layer.n_slots:
-            layer._allocate(keys, self.slot("values")[row : row + 1], n)
+        layer._init_storage(1, self._kv_heads, self._dims["keys"], self._dims["values"], self.dtype, self.device, n)
         for name, tensor in layer._slots.items():
             tensor[0, :, :n] = _gather_slots(self.slot(name)[row], index)
         layer.length, layer.seen = n, int(self._valid_seen[row])  # the pool's count includes other rows' padding
@@ -396,6 +517,43 @@ class H2OLayer(CacheLayerMixin):
         self._slots["valid"][row] = False
         self._valid_seen[row] = 0
         self.row_valid[row] = self.row_evicted[row] = 0
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What it takes to continue this layer exactly elsewhere (a snapshot, another process): CPU copies of the
+        stored per-slot tensors in use (not the working copy) and the counters, as JSON-able metadata."""
+        meta: dict[str, Any] = {"length": self.length, "seen": self.seen, "row_valid": self.row_valid,
+                                "row_evicted": self.row_evicted, "has_padding": self.has_padding,
+                                "initialized": self.is_initialized}
+        if not self.is_initialized:
+            return {}, meta
+        meta.update(key_dim=self._dims["keys"], value_dim=self._dims["values"])
+        tensors = {name: self.slot(name).to("cpu", copy=True) for name in self._fields}
+        tensors["valid_seen"] = self._valid_seen.to("cpu", copy=True)
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype,
+                        device: torch.device) -> None:
+        """Continue from :meth:`state_dict` for a model computing in ``dtype`` on ``device`` (the layer's policy
+        must be the one it was saved under)."""
+        self.reset()
+        if not meta["initialized"]:
+            return
+        keys = tensors["keys"]
+        key_dim = meta.get("key_dim", keys.shape[-1])  # format 1 had no dims: the model's dtype, one key a row
+        self._init_storage(keys.shape[0], keys.shape[1], key_dim, meta.get("value_dim", key_dim), dtype, device,
+                           meta["length"])
+        missing = set(self._fields) - set(tensors)
+        if missing:
+            raise ValueError(f"layer state lacks {sorted(missing)} for kv_dtype {self.policy.kv_dtype!r}")
+        self.length = meta["length"]
+        for name in self._fields:
+            self._slots[name][:, :, : self.length] = tensors[name].to(device)
+        self._valid_seen = tensors["valid_seen"].to(device, copy=True)
+        self.seen, self.has_padding = meta["seen"], meta["has_padding"]
+        self.row_valid, self.row_evicted = list(meta["row_valid"]), list(meta["row_evicted"])
+        self._refresh_views()
 
     # -- transformers Cache contract -----------------------------------------------------------------------------
 
@@ -432,8 +590,9 @@ class H2OLayer(CacheLayerMixin):
         self._apply_rows(torch.arange(len(self.row_valid))[indices.cpu()].tolist())
 
     def reset(self) -> None:
-        self._slots = {}
+        self._slots, self._fields = {}, {}
         self.keys = self.values = None
+        self.working = False
         self.length = self.seen = 0
         self.has_padding = False
         self.row_valid, self.row_evicted, self.new_counts = [], [], []
@@ -469,8 +628,18 @@ class H2OCache(Cache):
         return sum(self.layers[0].row_evicted) if self.layers else 0
 
     def nbytes(self) -> int:
-        """Bytes allocated by every layer's per-slot tensors (keys, values, scores, bookkeeping)."""
+        """Bytes the cache holds for its rows in every layer: stored keys and values (codes and scales), scores and
+        bookkeeping, in whole pages; not the working copy (:meth:`working_nbytes`)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def working_nbytes(self) -> int:
+        """Bytes of the decoded working copies (integer or other non-model-dtype storage, while in use)."""
+        return sum(layer.working_nbytes() for layer in self.layers)
+
+    def release_working(self) -> None:
+        """Drop the working copies, e.g. when a session goes idle; the next forward rebuilds them."""
+        for layer in self.layers:
+            layer.release_working()
 
     @classmethod
     def pool(cls, model, policy: CachePolicy, batch: int, rotary: RotaryDelta | None = None) -> H2OCache:

@@ -7,6 +7,9 @@ Names round-trip through :meth:`CachePolicy.parse` / :attr:`CachePolicy.name`:
   ``window - sink`` tokens.
 * ``h2o_{sink}_{recent}_{capacity}``: H2O (arXiv 2306.14048): ``sink`` first tokens, ``recent`` newest tokens and
   ``capacity - sink - recent`` heavy hitters ranked by accumulated attention.
+
+A name may end in a storage precision other than the model's own: ``h2o_4_64_1024_int8``, ``streaming_4_1024_int4``,
+``full_bf16`` (see :mod:`h2o_cache.quant`).
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from h2o_cache.quant import KV_DTYPES
 from h2o_cache.scorers import DEFAULT_DECAY, SCORERS
 
 DEFAULT_SCORE_MODE = "mean"
 DEFAULT_SLACK = 64
 DEFAULT_CHUNK = 512
 
-_NAME = re.compile(r"^(?:(full|baseline)|streaming_(-?\d+)_(-?\d+)|h2o_(-?\d+)_(-?\d+)_(-?\d+))$")
-OPTIONS = ("score_mode", "decay", "slack", "chunk_size", "rolling")
+_NAME = re.compile(
+    r"^(?:(full|baseline)|streaming_(-?\d+)_(-?\d+)|h2o_(-?\d+)_(-?\d+)_(-?\d+))(?:_(" + "|".join(KV_DTYPES) + "))?$"
+)
+OPTIONS = ("score_mode", "decay", "slack", "chunk_size", "rolling", "kv_dtype")
 """Policy fields that a name does not carry, settable as keyword options."""
 
 
@@ -46,6 +52,9 @@ class CachePolicy:
         chunk_size: prompt tokens per forward during prefill, so long prompts run in bounded memory.
         rolling: reassign positions inside the cache (re-rotating kept keys), so positions never exceed
             ``capacity + slack``; off keeps original positions.
+        kv_dtype: how keys and values are stored: ``"auto"`` (the model's dtype), ``"fp32"``, ``"bf16"``,
+            ``"fp16"``, ``"int8"``, ``"k8v4"`` (int8 keys, int4 values) or ``"int4"`` (see :mod:`h2o_cache.quant`).
+            Scores stay fp32.
     """
 
     kind: Literal["full", "streaming", "h2o"] = "full"
@@ -57,6 +66,7 @@ class CachePolicy:
     slack: int = DEFAULT_SLACK
     chunk_size: int = DEFAULT_CHUNK
     rolling: bool = True
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for field in ("n_sink", "n_recent", "slack", "chunk_size", "capacity"):
@@ -69,6 +79,8 @@ class CachePolicy:
             raise ValueError(f"rolling must be True or False, got {self.rolling!r}")
         if not isinstance(self.decay, (int, float)) or isinstance(self.decay, bool):
             raise ValueError(f"decay must be a number, got {self.decay!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {self.kv_dtype!r}; expected one of {KV_DTYPES}")
         if self.kind not in ("full", "streaming", "h2o"):
             raise ValueError(f"unknown policy kind {self.kind!r}; expected 'full', 'streaming' or 'h2o'")
         if self.score_mode not in SCORERS:
@@ -118,14 +130,19 @@ class CachePolicy:
 
     @classmethod
     def parse(cls, name: str, **options) -> CachePolicy:
-        """Build a policy from its name (``full``, ``baseline``, ``streaming_8_256``, ``h2o_8_32_256``);
-        ``options`` set the remaining fields (score_mode, decay, slack, chunk_size, rolling)."""
+        """Build a policy from its name (``full``, ``baseline``, ``streaming_8_256``, ``h2o_8_32_256``, any of them
+        with a ``_<kv_dtype>`` suffix); ``options`` set the remaining fields (score_mode, decay, slack, chunk_size,
+        rolling, kv_dtype)."""
         match = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
         if match is None:
             raise ValueError(
                 f"unknown cache policy {name!r}; expected 'full', 'baseline', 'streaming_<sink>_<window>' "
-                "or 'h2o_<sink>_<recent>_<capacity>'"
+                f"or 'h2o_<sink>_<recent>_<capacity>', optionally ending in _<kv_dtype> ({'/'.join(KV_DTYPES)})"
             )
+        if match.group(7):
+            if options.get("kv_dtype", match.group(7)) != match.group(7):
+                raise ValueError(f"{name!r} names kv_dtype {match.group(7)!r}, the options {options['kv_dtype']!r}")
+            options = {**options, "kv_dtype": match.group(7)}
         if match.group(1):
             return cls.full(**options)
         if match.group(2):
@@ -134,11 +151,12 @@ class CachePolicy:
 
     @property
     def name(self) -> str:
+        suffix = "" if self.kv_dtype == "auto" else f"_{self.kv_dtype}"
         if self.kind == "full":
-            return "full"
+            return "full" + suffix
         if self.kind == "streaming":
-            return f"streaming_{self.n_sink}_{self.capacity}"
-        return f"h2o_{self.n_sink}_{self.n_recent}_{self.capacity}"
+            return f"streaming_{self.n_sink}_{self.capacity}{suffix}"
+        return f"h2o_{self.n_sink}_{self.n_recent}_{self.capacity}{suffix}"
 
     @property
     def n_heavy(self) -> int:

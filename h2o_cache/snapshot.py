@@ -12,45 +12,32 @@ from h2o_cache.cache import H2OCache
 from h2o_cache.patch import make_cache
 from h2o_cache.policy import CachePolicy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""Format 1 (before kv_dtype): int64 positions, the model's dtype; it loads as ``kv_dtype="auto"``."""
 
 
 def cache_state(cache: H2OCache) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The slots in use of every layer (``layers.{i}.{name}``) and the counters needed to continue exactly."""
+    """Every layer's :meth:`~h2o_cache.cache.H2OLayer.state_dict`, tensors named ``layers.{i}.{name}``."""
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for i, layer in enumerate(cache.layers):
-        layers.append({"length": layer.length, "seen": layer.seen, "row_valid": layer.row_valid,
-                       "row_evicted": layer.row_evicted, "has_padding": layer.has_padding,
-                       "initialized": layer.is_initialized})
-        if layer.is_initialized:
-            for name in layer._slots:
-                tensors[f"layers.{i}.{name}"] = layer.slot(name).to("cpu", copy=True)
-            tensors[f"layers.{i}.valid_seen"] = layer._valid_seen.to("cpu", copy=True)
+        layer_tensors, layer_meta = layer.state_dict()
+        layers.append(layer_meta)
+        tensors.update({f"layers.{i}.{name}": tensor for name, tensor in layer_tensors.items()})
     meta = {"format": FORMAT_VERSION, "policy": dataclasses.asdict(cache.policy), "layers": layers}
     return tensors, meta
 
 
 def restore_cache(model: PreTrainedModel, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> H2OCache:
     """Rebuild a cache saved by :func:`cache_state` for ``model`` (on the model's device)."""
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"unsupported cache snapshot format {meta.get('format')!r}")
     cache = make_cache(model, CachePolicy(**meta["policy"]))
     if len(meta["layers"]) != len(cache.layers):
         raise ValueError(f"snapshot has {len(meta['layers'])} layers, the model {len(cache.layers)}")
-    device = model.device
     for i, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
-        if not info["initialized"]:
-            continue
-        keys = tensors[f"layers.{i}.keys"].to(device)
-        layer.lazy_initialization(keys, tensors[f"layers.{i}.values"].to(device))
-        if info["length"] > layer.n_slots:
-            layer._allocate(keys, tensors[f"layers.{i}.values"], info["length"])
-        layer.length = info["length"]
-        for name, slots in layer._slots.items():
-            slots[:, :, : layer.length] = tensors[f"layers.{i}.{name}"].to(device)
-        layer._valid_seen = tensors[f"layers.{i}.valid_seen"].to(device, copy=True)
-        layer.seen, layer.has_padding = info["seen"], info["has_padding"]
-        layer.row_valid, layer.row_evicted = list(info["row_valid"]), list(info["row_evicted"])
-        layer._refresh_views()
+        prefix = f"layers.{i}."
+        layer_tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        layer.load_state_dict(layer_tensors, info, model.dtype, model.device)
     return cache

@@ -15,7 +15,9 @@ GENERATE = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_lo
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-@pytest.mark.parametrize("policy,rolling", [("h2o_2_6_20", True), ("h2o_2_6_20", False), ("streaming_4_20", True)])
+@pytest.mark.parametrize("policy,rolling", [("h2o_2_6_20", True), ("h2o_2_6_20", False), ("streaming_4_20", True),
+                                            ("h2o_2_6_20_int8", True), ("h2o_2_6_20_int4", False),
+                                            ("streaming_4_20_int4", True)])
 def test_left_padded_generate_with_eviction_matches_each_row_alone(family, policy, rolling):
     model = tiny_model(family)
     torch.manual_seed(1)

@@ -9,7 +9,7 @@ from h2o_cache import H2OCache, cache_state, make_cache, restore_cache
 
 from .models import VOCAB, tiny_model
 
-POLICIES = ["h2o_4_6_24", "streaming_4_24"]
+POLICIES = ["h2o_4_6_24", "streaming_4_24", "h2o_4_6_24_int8", "streaming_4_24_int4"]
 
 
 def _alone(model, cache, token: int, steps: int) -> tuple[list[int], list[torch.Tensor]]:

@@ -75,7 +75,8 @@ def test_rule_in_a_pool_keeps_what_each_session_keeps_alone(rule, monkeypatch):
             alone = pool.extract(row)
             for mine, theirs in zip(alone.layers, cache.layers):
                 assert mine.slot("position").tolist() == theirs.slot("position").tolist(), row
-                torch.testing.assert_close(mine.slot("scores"), theirs.slot("scores"), rtol=1e-5, atol=1e-7)
+                if mine.scorer.needs_attention:  # a rule without attention stores no scores
+                    torch.testing.assert_close(mine.slot("scores"), theirs.slot("scores"), rtol=1e-5, atol=1e-7)
     assert all(cache.evicted_tokens > 0 for cache in sessions)
 
 

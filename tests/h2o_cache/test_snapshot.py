@@ -13,7 +13,8 @@ from h2o_cache import cache_state, make_cache, restore_cache
 from .models import VOCAB, tiny_model
 
 
-@pytest.mark.parametrize("policy", ["full", "streaming_4_24", "h2o_4_6_24"])
+@pytest.mark.parametrize("policy", ["full", "streaming_4_24", "h2o_4_6_24", "full_int8", "h2o_4_6_24_int4",
+                                    "streaming_4_24_bf16"])
 def test_restored_cache_continues_identically(tmp_path, policy):
     model = tiny_model("llama")
     ids, steps = torch.randint(0, VOCAB, (1, 40)), torch.randint(0, VOCAB, (30,))
