@@ -8,6 +8,10 @@ Teacher forcing follows StreamingLLM: after an eviction-free prefix, tokens go t
 ``step`` at a time (1 = one token per forward) and the NLL of each next token is recorded. The prefix (the first
 ``capacity`` tokens; every token for the full cache) cannot trigger an eviction, so it is fed in chunks: same logits
 as one token per forward (checked in tests/benchmarks), a fraction of the CPU time.
+
+A stream may also be compared with a reference run of the same tokens (:meth:`Session.set_reference`): one session
+(the full cache) writes its next-token log-probs to a folder of memory-mapped files, the others read them at the same
+positions and record KL(reference || this cache) and top-1 agreement (see :func:`next_token_divergence`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -125,6 +131,8 @@ class Session:
         self.stream: dict | None = None
         self.generation: dict | None = None
         self.chat: H2OCache | None = None
+        self.reference: dict | None = None
+        self.divergence: dict | None = None
 
     def tokens(self, row: str, n_tokens: int) -> list[int]:
         synthetic = self.smoke and not data_available(self.spec.data_dir)
@@ -148,6 +156,10 @@ class Session:
             "cache": make_cache(self.model, self.policy, scorers=scorers),
             "nll": torch.zeros(len(rows), n_tokens - 1), "time_s": 0.0, "kv_bytes_max": 0, "kept_max": 0,
         }
+        if self.reference is not None:
+            self.stream["reference"] = ReferenceLogprobs(self.reference["path"], ids, self.model.config.vocab_size,
+                                                         write=self.reference["write"])
+            self.divergence = {"kl": torch.zeros(len(rows), n_tokens - 1), "top1": torch.zeros(len(rows), n_tokens - 1)}
 
     @torch.inference_mode()
     def _feed(self, n: int) -> float:
@@ -164,6 +176,8 @@ class Session:
             nll = logits.logsumexp(-1) - logits.gather(-1, target[..., None]).squeeze(-1)
             s["nll"][:, a : a + n_targets] = nll.cpu()
         dt = time.perf_counter() - t0
+        if n_targets > 0 and "reference" in s:  # after the clock: the pass time stays that of the cache alone
+            self._compare(s["reference"], logits, a, n_targets)
         s["pos"], s["time_s"] = b, s["time_s"] + dt
         cache = s["cache"]
         s["kv_bytes_max"] = max(s["kv_bytes_max"], cache.nbytes() // ids.shape[0])
@@ -190,6 +204,27 @@ class Session:
             "n_targets": nll.numel(), "single_s": single_s, "kv_bytes": cache.nbytes() // s["ids"].shape[0],
             "kept_tokens": cache.kept_tokens(), "evicted_tokens": cache.evicted_tokens, **process_memory(),
         }
+
+    def _compare(self, reference: ReferenceLogprobs, logits: torch.Tensor, start: int, n_targets: int) -> None:
+        """Write (reference mode) and/or compare the next-token distributions of targets ``start..+n_targets``."""
+        if reference.write:
+            reference.store(start, logits)
+        ref_logprobs, ref_top1 = reference.load(start, n_targets)
+        kl, agree = next_token_divergence(logits, ref_logprobs.to(logits.device), ref_top1.to(logits.device))
+        self.divergence["kl"][:, start : start + n_targets] = kl.cpu()
+        self.divergence["top1"][:, start : start + n_targets] = agree.float().cpu()
+
+    def set_reference(self, path: str | None, write: bool = False) -> None:
+        """Streams started from now on write their next-token log-probs to the folder ``path`` (``write``, the full
+        cache's session) or compare theirs with what was written there, position by position (the writer must be
+        ahead: run it first in each round-robin). ``None`` turns it off. Results: :meth:`divergence_result`."""
+        self.reference = None if path is None else {"path": str(path), "write": write}
+
+    def divergence_result(self) -> dict:
+        """Per row, KL(reference || this cache) in nats and top-1 agreement (0/1) at each scored position of the
+        last stream started with a reference (kept after :meth:`stream_result`, so ``ppl_pass`` can run as is)."""
+        d, self.divergence = self.divergence, None
+        return {"kl": d["kl"].tolist(), "top1": d["top1"].tolist()}
 
     def stream_result(self) -> dict:
         """Per-row NLL lists and the pass totals; frees the cache."""
@@ -298,6 +333,55 @@ class Session:
 
     def memory(self) -> dict:
         return process_memory()
+
+
+def next_token_divergence(logits: torch.Tensor, ref_logprobs: torch.Tensor, ref_top1: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(reference || model) of the next-token distribution, in nats, and whether the model's argmax is the
+    reference's, per position (``logits`` and ``ref_logprobs`` are ``(..., vocab)``). The reference log-probs are
+    stored in fp16, so they are renormalized first: the full cache against its own stored log-probs then reads the
+    rounding's second-order error (~1e-6 nats), not its first-order one."""
+    ref = ref_logprobs.float().log_softmax(-1)
+    own = logits.float().log_softmax(-1)
+    kl = (ref.exp() * (ref - own)).sum(-1).clamp_min(0.0)
+    return kl, own.argmax(-1) == ref_top1
+
+
+class ReferenceLogprobs:
+    """The reference run's next-token log-probs (fp16, ``(rows, targets, vocab)``) and argmax (from fp32 logits) as
+    memory-mapped ``.npy`` files in a folder, plus the token ids they were computed on (a reader on other tokens
+    fails) and how many targets are written (a reader ahead of the writer fails instead of reading zeros)."""
+
+    def __init__(self, path: str | Path, ids: torch.Tensor, vocab: int, write: bool):
+        self.path, self.write = Path(path), write
+        rows, n_targets = ids.shape[0], ids.shape[1] - 1
+        open_memmap = np.lib.format.open_memmap
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
+            np.save(self.path / "ids.npy", ids.cpu().numpy())
+            self.logprobs = open_memmap(self.path / "logprobs.npy", "w+", np.float16, (rows, n_targets, vocab))
+            self.top1 = open_memmap(self.path / "top1.npy", "w+", np.int64, (rows, n_targets))
+            self.written = open_memmap(self.path / "written.npy", "w+", np.int64, (1,))
+            self.written[0] = 0
+            return
+        if not np.array_equal(np.load(self.path / "ids.npy"), ids.cpu().numpy()):
+            raise ValueError(f"the reference in {self.path} was computed on other tokens")
+        self.logprobs = open_memmap(self.path / "logprobs.npy", "r")
+        self.top1 = open_memmap(self.path / "top1.npy", "r")
+        self.written = open_memmap(self.path / "written.npy", "r")
+
+    def store(self, start: int, logits: torch.Tensor) -> None:
+        n = logits.shape[1]
+        self.logprobs[:, start : start + n] = logits.float().log_softmax(-1).to(torch.float16).cpu().numpy()
+        self.top1[:, start : start + n] = logits.argmax(-1).cpu().numpy()
+        self.written[0] = start + n  # targets are written in order, each once
+
+    def load(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.written[0] < start + n:
+            raise RuntimeError(f"reference has {int(self.written[0])} targets written, {start + n} needed: "
+                               "advance the writing session first")
+        return (torch.from_numpy(np.array(self.logprobs[:, start : start + n])),
+                torch.from_numpy(np.array(self.top1[:, start : start + n])))
 
 
 def data_available(data_dir: str | None) -> bool:

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from benchmarks import ablate, batching, eviction, oracle, ppl, recall, speed, step_check, stress
-from benchmarks.runner import Session, Spec, tiny_model
+from benchmarks import bytes as bytes_bench
+from benchmarks.runner import ReferenceLogprobs, Session, Spec, next_token_divergence, tiny_model
 from h2o_cache import CachePolicy
+from h2o_cache.budget import session_nbytes
 
 
 def table_shape(markdown: str) -> tuple[list[str], list[list[str]]]:
@@ -95,6 +97,63 @@ def test_recall_questions_match_a_plain_forward():
     torch.testing.assert_close(torch.tensor(first["token_logprobs"]), expected, atol=1e-4, rtol=1e-4)
     assert first["generated"] == session.tokenizer.decode(greedy[270:])
     assert first["max_position"] == 274
+
+
+
+def test_bytes_smoke(tmp_path):
+    bytes_bench.main(["--smoke", "--out", str(tmp_path)])
+    for name in ("bytes.md", "bytes.json", "bytes.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    payload = json.loads((tmp_path / "bytes.json").read_text())
+    groups = ["wikitext", "pg19", "heldout"]
+    text = (tmp_path / "bytes.md").read_text()
+    assert text.count("## Budget") == 2
+    assert table_shape(text)[0] == bytes_bench.columns_for(groups)
+    config, dtype = tiny_model()[0].config, torch.float32
+    results = payload["results"]
+    for n_tokens in map(int, bytes_bench.SMOKE_BUDGETS.split(",")):
+        budget = bytes_bench.budget_bytes(config, dtype, n_tokens)
+        assert payload["budgets_bytes"][str(n_tokens)] == budget
+        mine = [r for r in results if r["budget_tokens"] == n_tokens]
+        assert len(mine) == len(bytes_bench.FAMILIES) * 4  # every family x kv_dtype fits the smoke budgets
+        for r in mine:
+            assert r["session_bytes"] <= budget and r["kv_bytes"] <= budget  # formula and measured cache
+            bigger = bytes_bench.policy_name(r["family"], r["capacity"] + bytes_bench.STEP, r["kv_dtype"])
+            assert session_nbytes(config, bytes_bench.parse_policy(bigger), dtype) > budget
+        assert any(r["evicted_tokens"] > 0 for r in mine)
+        best = min(mine, key=lambda r: (r["group_above_pct"]["wikitext"] + r["group_above_pct"]["pg19"]) / 2)
+        assert payload["best"][str(n_tokens)] == best["config"]  # chosen on the tuning texts only
+    full = next(r for r in results if r["config"] == "full")
+    assert full["kl_mean"] < 1e-5 and full["top1_mean"] == 100.0 and full["tpot_ratio"] == 1.0
+    for check in payload["reference_checks"]:  # the later pools' full caches, read against the written reference
+        assert check["kl_mean"] < 1e-5 and check["top1_mean"] == 100.0
+        assert check["ppl_ratio"] == pytest.approx(dict.fromkeys(groups, 1.0), abs=1e-6)
+    bounded = [r for r in results if r["budget_tokens"] is not None]
+    assert all(r["kl_mean"] > full["kl_mean"] for r in bounded if r["evicted_tokens"] > 0)
+    assert [r["config"] for r in results if r["budget_tokens"] is None] == bytes_bench.DEFAULT_REFERENCES.split(",")
+
+
+def test_next_token_divergence_is_torch_kl_and_argmax(tmp_path):
+    """KL(reference || model) and top-1 agreement as the reference file stores and returns them equal a plain torch
+    computation on the fp32 log-probs (up to the fp16 storage); a reader ahead of the writer fails."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 7))
+    ref_logits, logits = torch.randn(2, 6, 50) * 3, torch.randn(2, 6, 50) * 3
+    logits[0, :3] = ref_logits[0, :3]
+    writer = ReferenceLogprobs(tmp_path, ids, 50, write=True)
+    writer.store(0, ref_logits[:, :4])
+    reader = ReferenceLogprobs(tmp_path, ids, 50, write=False)
+    with pytest.raises(RuntimeError):
+        reader.load(2, 3)
+    writer.store(4, ref_logits[:, 4:])
+    kl, agree = next_token_divergence(logits, *reader.load(0, 6))
+    ref = ref_logits.log_softmax(-1)
+    expected = torch.nn.functional.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(kl, expected, atol=1e-4, rtol=1e-3)
+    assert (kl[0, :3] < 1e-5).all() and kl[1].min() > 1e-2
+    assert agree.tolist() == (logits.argmax(-1) == ref_logits.argmax(-1)).tolist() and agree[0, :3].all()
+    with pytest.raises(ValueError):
+        ReferenceLogprobs(tmp_path, ids + 1, 50, write=False)
 
 
 def test_ablate_smoke(tmp_path):
