@@ -48,6 +48,8 @@ from app.sessions import Session, SessionLimitError, SessionStore
 from app.settings import Settings
 from app.snapshots import SnapshotCorruptError
 from h2o_cache import CachePolicy
+from h2o_cache.budget import session_nbytes
+from h2o_cache.quant import KV_DTYPES
 
 STATIC_DIR = Path(__file__).parent / "static"
 CANCEL_GRACE_S = 5.0
@@ -95,19 +97,45 @@ class ServerState:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(drain)
 
-    def parse_policy(self, name: str | None) -> CachePolicy:
-        """The requested (or default) policy, within the server's limits; ApiError 422 otherwise."""
+    def parse_policy(self, name: str | None, kv_dtype: str | None = None,
+                     default_kv_dtype: str | None = None) -> CachePolicy:
+        """The requested (or default) policy, within the server's limits; ApiError 422 otherwise. Its KV storage is
+        `kv_dtype`, else the name's `_<kv_dtype>` suffix, else `default_kv_dtype` (default: H2O_KV_DTYPE)."""
+        s = self.settings
+        name = name or s.policy
+        options: dict = {"slack": s.policy_slack}
+        if kv_dtype is not None:
+            options["kv_dtype"] = kv_dtype
+        elif name.strip().lower().rpartition("_")[2] not in KV_DTYPES:
+            options["kv_dtype"] = default_kv_dtype or s.kv_dtype
         try:
-            policy = CachePolicy.parse(name or self.settings.policy, slack=self.settings.policy_slack)
+            policy = CachePolicy.parse(name, **options)
         except ValueError as exc:
-            raise ApiError(422, str(exc), "invalid_policy", "invalid") from exc
-        if policy.max_tokens is None and not self.settings.allow_full_policy:
-            raise ApiError(422, "the unbounded 'full' policy is disabled on this server (H2O_ALLOW_FULL_POLICY)",
-                           "invalid_policy", "invalid")
-        if policy.max_tokens is not None and policy.max_tokens > self.settings.max_policy_tokens:
-            raise ApiError(422, f"policy {policy.name} holds up to {policy.max_tokens} tokens; this server allows "
-                           f"{self.settings.max_policy_tokens} (H2O_MAX_POLICY_TOKENS)", "invalid_policy", "invalid")
+            raise _invalid_policy(str(exc)) from exc
+        if policy.kv_dtype not in s.allowed_kv_dtypes:
+            raise _invalid_policy(f"kv_dtype {policy.kv_dtype!r} is not allowed on this server; allowed: "
+                                  f"{', '.join(s.allowed_kv_dtypes)} (H2O_ALLOWED_KV_DTYPES)")
+        if policy.max_tokens is None and not s.allow_full_policy:
+            raise _invalid_policy("the unbounded 'full' policy is disabled on this server (H2O_ALLOW_FULL_POLICY)")
+        if policy.max_tokens is not None and policy.max_tokens > s.max_policy_tokens:
+            raise _invalid_policy(f"policy {policy.name} holds up to {policy.max_tokens} tokens; this server allows "
+                                  f"{s.max_policy_tokens} (H2O_MAX_POLICY_TOKENS)")
+        self._check_bytes(policy)
         return policy
+
+    def _check_bytes(self, policy: CachePolicy) -> None:
+        """H2O_MAX_SESSION_BYTES against the bytes a full session of `policy` holds on the loaded model (before the
+        model is loaded there is nothing to size: the turn gets 503 anyway)."""
+        limit, model = self.settings.max_session_bytes, self.engine.model
+        if limit is None or not self.engine.ready:
+            return
+        if policy.max_tokens is None:
+            raise _invalid_policy(f"policy {policy.name} is unbounded; this server allows a session {limit:,} bytes "
+                                  "of KV cache (H2O_MAX_SESSION_BYTES)")
+        nbytes = session_nbytes(model.config, policy, model.dtype)
+        if nbytes > limit:
+            raise _invalid_policy(f"policy {policy.name} holds up to {nbytes:,} bytes of KV cache on this model; this "
+                                  f"server allows {limit:,} (H2O_MAX_SESSION_BYTES)")
 
 
 def get_state(request: Request) -> ServerState:
@@ -196,8 +224,8 @@ def delete_session(session_id: SessionId, state: State, owner: Owner) -> Respons
 @protected.post("/sessions/{session_id}/generate", response_model=None)
 async def generate(session_id: SessionId, body: GenerateRequest, request: Request, state: State,
                    owner: Owner) -> Response | TurnResult:
-    generation = await _start_turn(state, owner, session_id, body.message, body.system, body.policy, body,
-                                   body.stop)
+    generation = await _start_turn(state, owner, session_id, body.message, body.system, body.policy, body.kv_dtype,
+                                   body, body.stop)
     if not body.stream:
         return await _collect(generation, request)
     return _event_stream(state, _native_events(generation))
@@ -206,9 +234,11 @@ async def generate(session_id: SessionId, body: GenerateRequest, request: Reques
 @protected.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, owner: Owner,
                            x_session_id: Annotated[str | None, Header()] = None,
-                           x_h2o_policy: Annotated[str | None, Header()] = None) -> Response | dict:
+                           x_h2o_policy: Annotated[str | None, Header()] = None,
+                           x_h2o_kv_dtype: Annotated[str | None, Header()] = None) -> Response | dict:
     """OpenAI's chat API. The session comes from `X-Session-Id` (or `user`); the server keeps its history, so
-    only the last message (a user message) is new; a leading system message counts on the first turn only."""
+    only the last message (a user message) is new; a leading system message counts on the first turn only. A new
+    session's policy and KV storage come from `X-H2O-Policy` and `X-H2O-KV-Dtype`."""
     session_id = x_session_id or body.user
     if session_id is None or not valid_session_id(session_id):
         raise ApiError(422, "send the session id in the X-Session-Id header or the `user` field "
@@ -220,7 +250,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     sampling = body.model_copy(update={"max_new_tokens": body.max_completion_tokens or body.max_tokens})
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     generation = await _start_turn(state, owner, session_id, body.messages[-1].content, system, x_h2o_policy,
-                                   sampling, stop)
+                                   x_h2o_kv_dtype, sampling, stop)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _event_stream(state, _openai_chunks(generation, completion_id, created, body.model))
@@ -235,7 +265,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 
 async def _start_turn(state: ServerState, owner: str | None, session_id: str, message: str, system: str | None,
-                      policy: str | None, sampling: SamplingFields, stop: list[str]) -> Generation:
+                      policy: str | None, kv_dtype: str | None, sampling: SamplingFields,
+                      stop: list[str]) -> Generation:
     """Validate a turn against the server's limits and the session, create the session on first use (or load it
     from its snapshot), and submit the turn. Any error leaves the store and the session as they were."""
     settings = state.settings
@@ -267,11 +298,15 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, me
     session = state.sessions.get(session_id)
     created = session is None
     if created:
-        session = Session(id=session_id, policy=state.parse_policy(policy), system=system, owner=owner)
+        session = Session(id=session_id, policy=state.parse_policy(policy, kv_dtype), system=system, owner=owner)
     else:
         if not _owns(state, owner, session.owner):
             raise _not_found(session_id)
-        _check_same(session, state.parse_policy(policy) if policy else None, system)
+        requested = None
+        if policy is not None or kv_dtype is not None:  # what is left unsaid is the session's own
+            requested = state.parse_policy(policy or session.policy.replace(kv_dtype="auto").name, kv_dtype,
+                                           session.policy.kv_dtype)
+        _check_same(session, requested, system)
     if settings.api_keys:
         running = sum(1 for s in state.sessions if s.active is not None and s.owner == owner)
         if running >= settings.max_requests_per_key:
@@ -298,11 +333,16 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, me
 def _check_same(session: Session, policy: CachePolicy | None, system: str | None) -> None:
     """A session's policy and system prompt are fixed when it is created."""
     if policy is not None and policy != session.policy:
-        raise ApiError(422, f"session {session.id!r} uses policy {session.policy.name}; a policy can only be "
-                       "chosen when a session is created", "invalid_policy", "invalid")
+        raise _invalid_policy(f"session {session.id!r} uses policy {session.policy.name} (kv_dtype "
+                              f"{session.policy.kv_dtype}); a policy and its kv_dtype can only be chosen when a "
+                              "session is created")
     if system is not None and system != session.system:
         raise ApiError(422, f"session {session.id!r} already has a different system prompt; it is set on the "
                        "first turn only", "invalid_request", "invalid")
+
+
+def _invalid_policy(message: str) -> ApiError:
+    return ApiError(422, message, "invalid_policy", "invalid")
 
 
 def _retry_later(state: ServerState, status: int, message: str, type_: str) -> ApiError:
@@ -413,7 +453,8 @@ def _not_found(session_id: str) -> ApiError:
 def _info(summary: dict) -> SessionInfo:
     policy = summary["policy"]
     return SessionInfo(
-        id=summary["id"], policy=policy.name, turns=summary["turns"], cache_tokens=summary["cache_tokens"],
+        id=summary["id"], policy=policy.name, kv_dtype=policy.kv_dtype, turns=summary["turns"],
+        cache_tokens=summary["cache_tokens"],
         cache_tokens_seen=summary["cache_tokens_seen"], cache_budget=policy.max_tokens,
         evicted_tokens=summary["evicted_tokens"], cache_bytes=summary["cache_bytes"], busy=summary["busy"],
         created_at=summary["created_at"], updated_at=summary["updated_at"],

@@ -44,6 +44,11 @@ class SlotPool:
     def n_rows(self) -> int:
         return len(self.members)
 
+    def nbytes(self) -> int:
+        """Bytes the pool holds: its rows' stored codes and, for storage other than the model's dtype, the decoded
+        working copy that every row's forward reads (kept while the pool exists); 0 without a pool."""
+        return 0 if self.cache is None else self.cache.nbytes() + self.cache.working_nbytes()
+
     def accepts(self, cache: H2OCache) -> bool:
         """A bounded policy equal to the pool's (any bounded policy when the pool is empty)."""
         if cache is None or cache.policy.capacity is None:
@@ -160,6 +165,7 @@ class Batcher:
                 self._fail(g, exc)
         if pooled:
             running += self._decode(pooled)
+        engine._metrics.kv_pool_bytes.set(self.pool.nbytes())
         return running
 
     def _decode(self, pooled: list[Generation]) -> list[Generation]:

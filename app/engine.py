@@ -304,8 +304,11 @@ class Engine:
 
     def _finish(self, g: Generation, reason: str) -> None:
         """Write the turn into the session (unless it was cancelled before anything was fed), save it, then
-        report it and release the session."""
+        report it and release the session. A batched turn has left the pool already: its cache is the row's copy."""
         s = g.session
+        if s.cache is not None:  # a session at rest holds its stored codes only, and reports what it holds
+            s.cache.release_working()
+            s.cache_bytes = s.cache.nbytes()
         started = g.n_fed > 0
         if started:
             ends_with_eos = reason == "stop" and g.output_ids[-1:] and g.output_ids[-1] in self._eos_ids

@@ -28,8 +28,9 @@ OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "conflict", "inv
 
 class Metrics:
     """The server's metrics, in a registry of their own (with the default process, platform and GC collectors)
-    so several apps in one process (tests) keep separate counts. Cache gauges are computed at scrape time from
-    the live sessions, so they can never drift from the truth."""
+    so several apps in one process (tests) keep separate counts. Session gauges are computed at scrape time from
+    the live sessions, so they can never drift from the truth; the engine's worker sets the pool's after every
+    round (the pool is the worker's alone)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -38,8 +39,10 @@ class Metrics:
         GCCollector(registry=self.registry)
         r = self.registry
         self.kv_cache_tokens = Gauge("h2o_kv_cache_tokens", "KV cache tokens kept over live sessions", registry=r)
-        self.kv_cache_bytes = Gauge("h2o_kv_cache_bytes", "Bytes of KV cache tensors over live sessions",
-                                    registry=r)
+        self.kv_cache_bytes = Gauge("h2o_kv_cache_bytes", "Session memory: bytes the resident sessions' KV caches "
+                                    "hold (stored keys and values, scales, scores, positions)", registry=r)
+        self.kv_pool_bytes = Gauge("h2o_kv_pool_bytes", "Bytes of the batching pool's shared KV cache: the rows of "
+                                   "the sessions decoding in it and their decoded working copy", registry=r)
         self.sessions_active = Gauge("h2o_sessions_active", "Sessions resident in memory", registry=r)
         self.sessions_stored = Gauge("h2o_sessions_stored", "Sessions with a snapshot on disk", registry=r)
         self.sessions_restored = Counter("h2o_sessions_restored", "Sessions loaded back from their snapshot",

@@ -40,7 +40,11 @@ class GenerateRequest(SamplingFields):
     stop: list[str] = Field(default_factory=list, max_length=8)
     system: str | None = Field(None, description="system prompt; only on a session's first turn")
     stream: bool = True
-    policy: str | None = Field(None, description="cache policy, only when this request creates the session")
+    policy: str | None = Field(None, description="cache policy, only when this request creates the session; a "
+                               "name may end in _<kv_dtype> (h2o_4_256_512_int8)")
+    kv_dtype: str | None = Field(None, description="how the new session stores keys and values: auto (the model's "
+                                 "dtype), fp32, bf16, fp16, int8, k8v4 (int8 keys, int4 values) or int4; default: "
+                                 "the policy name's suffix, else the server's H2O_KV_DTYPE")
 
 
 class Usage(BaseModel):
@@ -69,12 +73,14 @@ class TokenEvent(BaseModel):
 class SessionInfo(BaseModel):
     id: str
     policy: str
+    kv_dtype: str
     turns: int
     cache_tokens: int
     cache_tokens_seen: int
     cache_budget: int | None
     evicted_tokens: int
-    cache_bytes: int
+    cache_bytes: int = Field(description="bytes the session's cache holds (codes, scales, scores, positions; whole "
+                             "pages), as of its last step")
     busy: bool
     created_at: float
     updated_at: float

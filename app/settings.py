@@ -5,8 +5,14 @@ from __future__ import annotations
 import socket
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from h2o_cache.quant import KV_DTYPES
+
+DEFAULT_KV_DTYPE = "k8v4"
+"""How sessions store keys and values unless they choose: int8 keys, int4 values, 4.3x fewer bytes per session than
+fp32 on SmolLM2 (benchmarks/session_bytes.py)."""
 
 
 class Settings(BaseSettings):
@@ -23,6 +29,13 @@ class Settings(BaseSettings):
     policy_slack: int = Field(64, ge=0, description="tokens a cache may overshoot its capacity before eviction")
     max_policy_tokens: int = Field(8192, ge=1, description="largest capacity + slack a session may ask for")
     allow_full_policy: bool = Field(False, description="allow the unbounded 'full' policy")
+    kv_dtype: str = Field(DEFAULT_KV_DTYPE, description="KV storage of sessions whose policy name has no "
+                          f"_<kv_dtype> suffix and whose request names none: {', '.join(KV_DTYPES)}")
+    allowed_kv_dtypes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(KV_DTYPES), description="comma-separated KV storages a session may choose")
+    max_session_bytes: int | None = Field(
+        None, ge=1, description="largest KV cache a session may ask for, full size (h2o_cache.budget."
+        "session_nbytes for the loaded model); none: only max_policy_tokens bounds it")
 
     max_message_chars: int = Field(32_000, ge=1, description="longer messages get 413")
     max_new_tokens: int = Field(2048, ge=1, description="upper limit of a request's max_new_tokens")
@@ -55,9 +68,19 @@ class Settings(BaseSettings):
     replica_name: str = Field(default_factory=socket.gethostname, description="sent as X-H2O-Replica")
     log_level: str = "info"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_kv_dtypes", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_kv_dtypes(self) -> Settings:
+        """Unknown names, or a default that sessions may not use, fail at startup rather than on every request."""
+        unknown = [name for name in [self.kv_dtype, *self.allowed_kv_dtypes] if name not in KV_DTYPES]
+        if unknown:
+            raise ValueError(f"unknown kv_dtype(s) {unknown}; expected {', '.join(KV_DTYPES)}")
+        if self.kv_dtype not in self.allowed_kv_dtypes:
+            raise ValueError(f"kv_dtype {self.kv_dtype!r} is not among allowed_kv_dtypes {self.allowed_kv_dtypes}")
+        return self

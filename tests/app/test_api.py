@@ -7,7 +7,8 @@ import httpx
 import pytest
 
 from app.main import create_app
-from app.settings import Settings
+from app.settings import DEFAULT_KV_DTYPE, Settings
+from h2o_cache import CachePolicy
 from tests.app.conftest import SMALL_SLACK, generate, run_server, scrape, sse_events, wait_for_metric
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6}
@@ -28,7 +29,8 @@ def test_multi_turn_feeds_only_the_delta_and_the_cache_stays_within_its_budget(s
     assert kept[0] == turns[0]["cache_tokens_seen"] < kept[1]  # grows while under budget
     assert turns[-1]["cache_tokens_seen"] > capacity + SMALL_SLACK
     assert all(k <= capacity + SMALL_SLACK for k in kept) and kept[-1] >= capacity
-    assert session["policy"] == policy and session["cache_budget"] == capacity + SMALL_SLACK
+    assert session["policy"] == CachePolicy.parse(policy, kv_dtype=DEFAULT_KV_DTYPE).name  # the server's storage
+    assert session["kv_dtype"] == DEFAULT_KV_DTYPE and session["cache_budget"] == capacity + SMALL_SLACK
     assert session["turns"] == 6 and len(session["messages"]) == 12
     assert session["evicted_tokens"] == session["cache_tokens_seen"] - session["cache_tokens"] > 0
     assert session["cache_bytes"] > 0 and not session["busy"]

@@ -9,12 +9,9 @@ fills the window. ~45 s on two CPU cores.
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from h2o_cache.loading import resolve_model_path
 from loadtest.run import load_run
-from loadtest.stack import prometheus_binary
+from loadtest.stack import prometheus_binary, save_tiny_llama
 
 USERS = 3
 RUN_TIME_S = 20
@@ -25,16 +22,7 @@ pytestmark = pytest.mark.skipif(prometheus_binary() is None,
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

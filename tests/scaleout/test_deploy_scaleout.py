@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import LlamaConfig
 
 from app.settings import Settings
 from h2o_cache import CachePolicy
+from h2o_cache.budget import session_nbytes, slot_nbytes
 from tests.scaleout.conftest import NGINX, REPO, TEMPLATE, free_port, render
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -230,40 +232,61 @@ def quantity(text: str) -> int:
     return int(number) * 1024 ** (1 + ("Ki", "Mi", "Gi", "Ti").index(unit) if unit else 0)
 
 
-def session_bytes(slots: int, dtype_bytes: int, layers: int = 30, kv_heads: int = 3, head_dim: int = 64) -> int:
-    """deploy/README.md's capacity formula (SmolLM2-135M by default): key + value, fp32 score, int64 position and
-    a bool flag per slot, layer and KV head."""
-    return slots * layers * kv_heads * (2 * head_dim * dtype_bytes + 4 + 8 + 1)
+SMOLLM2 = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                      head_dim=64)
+"""SmolLM2-135M's cache shape (what the capacity formula needs of a model)."""
+
+
+def readme_slot_bytes() -> list[tuple[str, str, int]]:
+    """deploy/README.md's table of bytes per slot and KV head: (kv_dtype, model dtype, bytes)."""
+    text = (REPO / "deploy/README.md").read_text()
+    return [(m[1], m[2], int(m[3])) for m in re.finditer(r"^\| `(\w+)` \| (fp32|fp16|any) \| (\d+) \|", text, re.M)]
+
+
+def test_the_capacity_table_is_the_formula_in_code():
+    """Each row of the README's table times layers x KV heads is h2o_cache.budget's bytes per slot."""
+    table = readme_slot_bytes()
+    assert {"auto", "fp16", "int8", "k8v4", "int4"} <= {kv_dtype for kv_dtype, _, _ in table}
+    policy = CachePolicy.parse(Settings().policy, slack=Settings().policy_slack)
+    for kv_dtype, model_dtype, per_head in table:
+        for dtype in [torch.float32, torch.float16] if model_dtype == "any" else [{"fp32": torch.float32, "fp16": torch.float16}[model_dtype]]:
+            assert slot_nbytes(SMOLLM2, policy.replace(kv_dtype=kv_dtype), dtype) == 30 * 3 * per_head, kv_dtype
 
 
 def test_capacity_formula_matches_a_real_cache():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from h2o_cache import make_cache
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     model = LlamaForCausalLM(config).eval()
-    cache = make_cache(model, "h2o_2_8_24", slack=8)
-    with torch.inference_mode():
-        model(input_ids=torch.randint(0, 64, (1, 40)), past_key_values=cache, use_cache=True)
-    assert cache.nbytes() == session_bytes(24 + 8, 4, layers=3, kv_heads=2, head_dim=8)
+    for kv_dtype in ("auto", "k8v4"):
+        cache = make_cache(model, f"h2o_2_8_24_{kv_dtype}", slack=8)
+        with torch.inference_mode():
+            model(input_ids=torch.randint(0, 64, (1, 40)), past_key_values=cache, use_cache=True)
+        assert cache.nbytes() == session_nbytes(config, cache.policy, model.dtype)
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_kubernetes_sizes_hold_what_the_settings_allow(overlay):
     """Memory limits, GPU memory and the snapshot volume fit the resident and stored sessions each overlay allows,
-    by the capacity formula, for SmolLM2 under the server's default policy."""
+    by the capacity formula, for SmolLM2 under the server's default policy and KV storage. The batching pool holds
+    up to H2O_MAX_BATCH rows of capacity + 2 x slack slots, each with its decoded working copy (bounded here by a
+    model-dtype slot)."""
     resources = overlays()[overlay]
     deployment = resources[("Deployment", "h2o-serve")]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    policy = CachePolicy.parse(Settings().policy, slack=Settings().policy_slack)
-    dtype_bytes = 2 if env["H2O_DEVICE"] == "cuda" else 4
-    per_session = session_bytes(policy.capacity + policy.slack, dtype_bytes)
+    settings = Settings()
+    policy = CachePolicy.parse(settings.policy, slack=settings.policy_slack, kv_dtype=settings.kv_dtype)
+    dtype = torch.float16 if env["H2O_DEVICE"] == "cuda" else torch.float32
+    per_session = session_nbytes(SMOLLM2, policy, dtype)
     resident = int(env["H2O_MAX_RESIDENT_SESSIONS"]) * per_session
-    pool = Settings().max_batch * session_bytes(policy.capacity + 2 * policy.slack, dtype_bytes)
-    weights = 135_000_000 * dtype_bytes
+    row_slots = policy.capacity + 2 * policy.slack
+    row = row_slots * (slot_nbytes(SMOLLM2, policy, dtype) + slot_nbytes(SMOLLM2, policy.replace(kv_dtype="auto"), dtype))
+    pool = settings.max_batch * row
+    weights = 135_000_000 * dtype.itemsize
     if overlay == "gpu":
         assert resident + pool + weights <= 20 * 1024**3  # a 24 GB card, with room for activations
     else:
