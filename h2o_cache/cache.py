@@ -221,8 +221,8 @@ class H2OLayer(CacheLayerMixin):
             return
         parts, decoded = self.codecs[kind].encode(states, self.dtype)
         for suffix, tensor in parts.items():
-            self._slots[kind + suffix][:, :, start:end] = tensor
-        self._slots[_WORK + kind][:, :, start:end] = decoded
+            self._slots[kind + suffix].narrow(2, start, end - start).copy_(tensor)
+        self._slots[_WORK + kind].narrow(2, start, end - start).copy_(decoded)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
