@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from app.settings import Settings
 
@@ -26,7 +29,14 @@ class GracefulServer(uvicorn.Server):
 
 
 def main() -> None:
-    settings = Settings()
+    unknown = Settings.unknown_variables(os.environ)
+    if unknown:
+        sys.exit(f"unknown setting(s) {', '.join(unknown)}: no H2O_* variable of that name exists (see README, "
+                 "Configuration); refusing to start")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        sys.exit(f"invalid settings, refusing to start:\n{exc}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.main import app  # after logging is set up; builds the app from the same environment
 

@@ -18,6 +18,9 @@ def valid_session_id(session_id: str) -> bool:
     return re.fullmatch(SESSION_ID_PATTERN, session_id) is not None and session_id not in DOT_SEGMENTS
 
 
+MAX_STOP_STRINGS = 8
+"""Stop strings a request may send (each is checked against the text after every token), on every route."""
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -37,7 +40,7 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     message: str = Field(min_length=1)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     system: str | None = Field(None, description="system prompt; only on a session's first turn")
     stream: bool = True
     policy: str | None = Field(None, description="cache policy, only when this request creates the session; a "
@@ -120,7 +123,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     n: Literal[1] = 1
     user: str | None = None

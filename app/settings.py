@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -13,6 +14,10 @@ from h2o_cache.quant import KV_DTYPES
 DEFAULT_KV_DTYPE = "k8v4"
 """How sessions store keys and values unless they choose: int8 keys, int4 values, 4.3x fewer bytes per session than
 fp32 on SmolLM2 (benchmarks/session_bytes.py)."""
+
+OTHER_VARIABLES = frozenset({"H2O_MODEL_CACHE", "H2O_TORCH_CUDA", "H2O_ROUTER_LISTEN", "H2O_UPSTREAMS"})
+"""``H2O_*`` variables that are not server settings: the converted-weights folder (h2o_cache.loading), the CUDA
+build switch of scripts/bootstrap.sh, and the nginx router template's two."""
 
 
 class Settings(BaseSettings):
@@ -71,9 +76,21 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "allowed_kv_dtypes", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
+        """A comma-separated list; one that names nothing (`" , "`) is a mistake, not "no keys": refused."""
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            if value.strip() and not items:
+                raise ValueError(f"{value!r} names nothing; leave the variable unset for none")
+            return items
         return value
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """``H2O_*`` variables that name no setting (``H2O_API_KEY`` for ``H2O_API_KEYS``): a typo must not start
+        a server with a setting silently off."""
+        prefix = cls.model_config["env_prefix"]
+        known = {prefix + name.upper() for name in cls.model_fields} | OTHER_VARIABLES
+        return sorted(name for name in environ if name.upper().startswith(prefix) and name.upper() not in known)
 
     @model_validator(mode="after")
     def _check_kv_dtypes(self) -> Settings:

@@ -1,5 +1,8 @@
 """The native API over real HTTP: multi-turn caching, SSE, errors, concurrency, disconnects, back-pressure."""
 
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,6 +151,7 @@ BAD_BODIES = [
     ({"message": "hi", "max_new_tokens": 100_000}, 422),
     ({"message": "hi", "max_new_tokens": 5, "min_new_tokens": 6}, 422),
     ({"message": "hi", "stop": [""]}, 422),
+    ({"message": "hi", "stop": [f"s{i}" for i in range(9)]}, 422),
     ({"message": "hi", "policy": "lru_8"}, 422),
     ({"message": "hi", "policy": "h2o_8_64_100000"}, 422),
     ({"message": "hi", "policy": "full"}, 422),
@@ -248,3 +252,16 @@ def test_a_model_that_fails_to_load_is_reported_not_ready(tmp_path):
 def test_httpx_sees_json_errors_for_unknown_routes(server):
     response = httpx.get(server.url + "/nope")
     assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
+def test_a_misspelled_or_empty_setting_refuses_to_start(tmp_path):
+    """`H2O_API_KEY` (singular) or `H2O_API_KEYS=" , "` would start an open server: the process exits first, naming
+    the variable, before it loads anything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("H2O_")}
+    for extra, message in (({"H2O_API_KEY": "secret"}, "H2O_API_KEY"), ({"H2O_API_KEYS": " , "}, "names nothing")):
+        done = subprocess.run([sys.executable, "-m", "app"], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert Settings.unknown_variables({"H2O_POLICY": "full", "h2o_port": "1", "H2O_POLCY": "x", "HOME": "/",
+                                       "H2O_MODEL_CACHE": "/tmp"}) == [
+        "H2O_POLCY"]

@@ -49,6 +49,9 @@ def test_errors_arrive_as_openai_errors(client, server):
     with pytest.raises(openai.UnprocessableEntityError, match="only text content"):
         client.chat.completions.create(model="tiny", user="oa-bad", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    with pytest.raises(openai.UnprocessableEntityError, match="at most 8 items"):  # as the native route
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], user="oa-bad",
+                                       stop=[f"s{i}" for i in range(9)])
     with server.client() as http:
         assert http.get("/sessions/oa-bad").status_code == 404  # none of the rejected requests created it
 
