@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -111,6 +112,9 @@ class SnapshotStore:
         tensors: dict[str, torch.Tensor] = {}
         ref = body["tensors"]
         if ref is not None:
+            if not re.fullmatch(rf"{file_stem(session_id)}\.[0-9a-f]{{16}}\.safetensors", str(ref.get("file"))):
+                raise SnapshotCorruptError(f"snapshot of {session_id!r} names tensor file {ref.get('file')!r}, not "
+                                           "one of its own in the snapshot directory")
             path = self.directory / ref["file"]
             try:
                 data = path.read_bytes()
