@@ -214,15 +214,26 @@ class H2OLayer(CacheLayerMixin):
         """Bytes of the decoded working copy (0 when direct or released)."""
         return sum(t.numel() * t.element_size() for name, t in self._slots.items() if name not in self._fields)
 
-    def _write(self, kind: str, start: int, end: int, states: torch.Tensor) -> None:
-        """Store new keys or values in slots ``start:end`` (and their decoded form in the working copy)."""
+    def _write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store new keys and values from slot ``start`` on (and their decoded form in the working copy). Keys and
+        values that share a codec and a shape are encoded in one call: a decode step runs this in every layer,
+        and the codec's cost there is its number of small ops, not their size."""
+        q = keys.shape[2]
         if self.direct:
-            self._slots[kind][:, :, start:end] = states
+            self._slots["keys"].narrow(2, start, q).copy_(keys)
+            self._slots["values"].narrow(2, start, q).copy_(values)
             return
-        parts, decoded = self.codecs[kind].encode(states, self.dtype)
-        for suffix, tensor in parts.items():
-            self._slots[kind + suffix].narrow(2, start, end - start).copy_(tensor)
-        self._slots[_WORK + kind].narrow(2, start, end - start).copy_(decoded)
+        if self.codecs["keys"] == self.codecs["values"] and keys.shape == values.shape:
+            parts, decoded = self.codecs["keys"].encode(torch.stack((keys, values)), self.dtype)
+            encoded = {kind: ({suffix: t[i] for suffix, t in parts.items()}, decoded[i])
+                       for i, kind in enumerate(("keys", "values"))}
+        else:
+            encoded = {kind: self.codecs[kind].encode(states, self.dtype)
+                       for kind, states in (("keys", keys), ("values", values))}
+        for kind, (parts, decoded) in encoded.items():
+            for suffix, tensor in parts.items():
+                self._slots[kind + suffix].narrow(2, start, q).copy_(tensor)
+            self._slots[_WORK + kind].narrow(2, start, q).copy_(decoded)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -239,11 +250,12 @@ class H2OLayer(CacheLayerMixin):
         self._set_working(True)
         start, end = self.length, self.length + q
         s = self._slots
-        self._write("keys", start, end, key_states)
-        self._write("values", start, end, value_states)
+        self._write(start, key_states, value_states)
         new_valid = self.new_valid
         if "rot_pos" in s:  # the position the model rotated the new keys to: their rank among the valid slots
-            if new_valid is None and len(self.row_valid) == 1:
+            if new_valid is None and len(self.row_valid) == 1 and q == 1:  # the decode hot path: one fill
+                s["rot_pos"][:, :, start].fill_(self.row_valid[0])
+            elif new_valid is None and len(self.row_valid) == 1:
                 s["rot_pos"][:, :, start:end] = torch.arange(q, device=self.device) + self.row_valid[0]
             else:
                 offsets = torch.arange(q, device=self.device) if new_valid is None else new_valid.long().cumsum(-1) - 1
