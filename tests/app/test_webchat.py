@@ -8,6 +8,8 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from app.settings import DEFAULT_KV_DTYPE  # noqa: E402
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian chromium + chromium-driver")
 
@@ -45,7 +47,7 @@ def test_send_a_message_and_see_the_reply_stream_in(server, browser):
 
     with server.client() as client:
         session = client.get("/sessions/web-1").json()
-    assert session["policy"] == "h2o_4_16_64" and session["turns"] == 1
+    assert session["policy"] == f"h2o_4_16_64_{DEFAULT_KV_DTYPE}" and session["turns"] == 1  # the server's storage
     assert reply.text.startswith(partial.rstrip()) and len(reply.text) > len(partial)
     assert "40 generated tokens" in stats
     assert "web-1" in browser.find_element(By.ID, "sessions").text

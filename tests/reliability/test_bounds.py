@@ -19,6 +19,8 @@ RESIDENT = 50
 PER_KEY = 4
 N_SESSIONS = 1000
 ONE_TOKEN = {"message": "hi", "stream": False, "temperature": 0, "max_new_tokens": 1}
+FILLING = {**ONE_TOKEN, "message": "the tide came in " * 80}
+"""A first turn of ~330 tokens: six pages of cache (pages hold only what a session uses)."""
 SNAPSHOT_NAME = re.compile(r"[0-9a-f]{64}(\.json|\.[0-9a-f]{16}\.safetensors)")
 
 
@@ -29,22 +31,22 @@ def snapshot_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(launch_for_module, snapshot_dir):
-    # A large budget (caches preallocate capacity + slack slots) makes each resident session cost ~0.3 MB, so
-    # keeping sessions in memory would stand far above the allocator's noise.
-    return launch_for_module(snapshot_dir, policy="h2o_4_64_1024", max_resident_sessions=RESIDENT,
+    # Sessions stored in the model's dtype, filled to several pages by a long first message (FILLING), cost ~0.2 MB
+    # each, so keeping sessions in memory would stand far above the allocator's noise.
+    return launch_for_module(snapshot_dir, policy="h2o_4_64_1024", kv_dtype="auto", max_resident_sessions=RESIDENT,
                              max_sessions=2000,
                              max_requests_per_key=PER_KEY, max_body_bytes=65536, max_message_chars=2000,
                              max_new_tokens=4000)
 
 
-def _turns(server, ids: list[str]) -> list[dict]:
-    """One short turn on each session, 4 clients at a time; returns the responses' JSON."""
+def _turns(server, ids: list[str], body: dict = ONE_TOKEN) -> list[dict]:
+    """One turn (default: short) on each session, 4 clients at a time; returns the responses' JSON."""
     local = threading.local()
 
     def turn(session_id: str) -> dict:
         if not hasattr(local, "client"):
             local.client = server.client()
-        response = local.client.post(f"/sessions/{session_id}/generate", json=ONE_TOKEN)
+        response = local.client.post(f"/sessions/{session_id}/generate", json=body)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -54,12 +56,12 @@ def _turns(server, ids: list[str]) -> list[dict]:
 
 def test_a_thousand_sessions_with_fifty_resident_stay_bounded_and_all_answer(server, snapshot_dir):
     ids = [f"many-{i:04d}" for i in range(N_SESSIONS)]
-    _turns(server, ids[:100])  # past the resident limit: memory is at its steady state
+    _turns(server, ids[:100], FILLING)  # past the resident limit: memory is at its steady state
     with server.client() as client:
         per_session_bytes = client.get("/sessions/many-0000").json()["cache_bytes"]
     rss_before = server.rss_bytes()
     started = time.monotonic()
-    _turns(server, ids[100:])
+    _turns(server, ids[100:], FILLING)
     created_s = time.monotonic() - started
     rss_after = server.rss_bytes()
     with server.client() as client:
