@@ -37,6 +37,8 @@ COLUMNS = ["KV storage", "Session", "Tokens held", "cache_bytes (MB)", "Formula 
            "Sessions per GiB", "Bytes / before"]
 SHORT_MESSAGE = "Tell me a short story about a lighthouse keeper and a storm."
 FULL_MESSAGE = " ".join(["The keeper climbed the stairs again and wrote the weather into the log."] * 40)
+BEFORE_POLICY = "h2o_4_256_512"
+"""The server's default policy until issue #13 (stored in the model's dtype, preallocated)."""
 SHORT_REPLY = 60
 """With the message in the chat template, a short session holds about 100 tokens."""
 GREEDY = {"temperature": 0, "stream": False}
@@ -89,7 +91,8 @@ def run_storage(args, kv_dtype: str, config, device: str, dtype: torch.dtype, lo
     for kind, result in (("short", short), ("full", full)):
         tokens = max(result["cache_tokens"])
         rows[kind] = {**result, "tokens": tokens, "formula": session_nbytes(config, policy, dtype, n_tokens=tokens)}
-    return {"kv_dtype": kv_dtype, "policy": policy.name, "gauge": gauge, "sessions": rows}
+    return {"kv_dtype": kv_dtype, "policy": policy.name, "gauge": gauge, "sessions": rows,
+            "largest": session_nbytes(config, policy, dtype), "largest_slots": policy.capacity + policy.slack}
 
 
 def before_bytes(config, policy: CachePolicy, dtype: torch.dtype) -> int:
@@ -103,13 +106,16 @@ def before_bytes(config, policy: CachePolicy, dtype: torch.dtype) -> int:
 
 def render(results: list[dict], before: int) -> tuple[list[str], list[list]]:
     mb = 1e6
-    rows = [["before (model dtype, preallocated)", kind, "-", before / mb, before / mb, "-", 2**30 // before, "1.00"]
-            for kind in ("short", "full")]
+    rows = [[f"before (`{BEFORE_POLICY}`, model dtype, preallocated)", kind, "-", before / mb, before / mb, "-",
+             2**30 // before, "1.00"] for kind in ("short", "full")]
     for result in results:
         for kind, r in result["sessions"].items():
             held = max(r["cache_bytes"])
             rows.append([result["kv_dtype"], kind, r["tokens"], held / mb, r["formula"] / mb,
                          r["rss_per_session"] / mb, 2**30 // held, f"{held / before:.2f}"])
+        largest = result["largest"]
+        rows.append([result["kv_dtype"], f"largest ({result['largest_slots']} slots)", "-", "-", largest / mb, "-",
+                     2**30 // largest, f"{largest / before:.2f}"])
     return COLUMNS, rows
 
 
@@ -129,14 +135,18 @@ def main(argv=None) -> None:
         results = [run_storage(args, kv_dtype, config, device, dtype, Path(tmp))
                    for kv_dtype in args.kv_dtypes.split(",")]
     settings = Settings()
-    before = before_bytes(config, CachePolicy.parse(settings.policy, slack=settings.policy_slack), dtype)
+    before = before_bytes(config, CachePolicy.parse(BEFORE_POLICY, slack=settings.policy_slack), dtype)
     columns, rows = render(results, before)
     legend = (f"\nServer defaults (`{settings.policy}`, slack {settings.policy_slack}), {args.sessions} sessions of "
               "each kind per storage, one `python -m app` per storage. Short: one turn, ~100 tokens; full: turns "
-              "until the cache evicted. cache_bytes: `GET /sessions/{id}` (the largest of the sessions; their sum "
+              "until the cache evicted, measured at rest after the turn (a session between cuts holds `capacity` to "
+              "`capacity + slack` tokens, in whole pages); largest: the formula at `capacity + slack` slots, what "
+              "a session holds just before a cut and what sizing must assume. cache_bytes: `GET /sessions/{id}` "
+              "(the largest of the sessions; their sum "
               "equals the `h2o_kv_cache_bytes` gauge of a real scrape); Formula: `h2o_cache.budget.session_nbytes`; "
               "RSS growth: `process_resident_memory_bytes` after minus before, per session (allocator noise "
-              "included). Before: the layout until issue #13, every session preallocated in the model's dtype.\n")
+              "included). Before: the layout until issue #13, every session preallocated in the model's dtype "
+              "with int64 positions, under that default policy.\n")
     (out / "session_bytes.md").write_text(report.markdown_table(columns, rows) + legend)
     report.write_json(out / "session_bytes.json", {"meta": report.meta(args, start), "before_bytes": before,
                                                     "results": results})

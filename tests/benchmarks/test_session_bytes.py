@@ -17,4 +17,5 @@ def test_session_bytes_smoke(tmp_path):
         assert set(kind["cache_bytes"]) == {kind["formula"]}  # what the server reports is the capacity formula
     assert 4 * max(short["cache_bytes"]) < max(full["cache_bytes"]) < result["before_bytes"] / 2
     assert storage["gauge"] == 2 * (short["formula"] + full["formula"])
-    assert (tmp_path / "session_bytes.md").read_text().count("| int8 |") == 2
+    assert storage["largest"] >= max(full["cache_bytes"])  # at rest a full session holds at most the formula's
+    assert (tmp_path / "session_bytes.md").read_text().count("| int8 |") == 3  # short, full, largest
