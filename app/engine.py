@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.batching import Batcher
 from app.chat import Message, turn_delta
+from app.memory import release_freed_memory
 from app.metrics import Metrics
 from app.protocol import TokenEvent, TurnResult, Usage
 from app.sampling import SamplingParams, sample
@@ -215,6 +216,8 @@ class Engine:
             self._metrics.requests_running.set(len(active))
             active = self._step_all(active)
             self._metrics.requests_running.set(len(active))
+            if not active and not self._waiting:  # idle: what turns freed goes back to the OS (RSS follows sessions)
+                release_freed_memory()
         with self._cond:
             active += self._waiting
             self._waiting.clear()
