@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None,
     metrics = Metrics()
     snapshots = SnapshotStore(settings.snapshot_dir) if settings.snapshot_dir else None
     sessions = SessionStore(settings.max_sessions, settings.session_ttl_s, settings.max_resident_sessions,
-                            snapshots, metrics)
+                            snapshots, metrics, settings.max_sessions_per_key)
     metrics.track_sessions(lambda: sessions, lambda: sessions.stored_count)
     engine = Engine(settings, metrics, preloaded, persist=sessions.persist if snapshots else None)
     state = ServerState(settings, engine, sessions, metrics)

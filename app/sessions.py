@@ -132,8 +132,10 @@ class SessionStore:
     """
 
     def __init__(self, max_sessions: int, ttl_s: float, max_resident: int | None = None,
-                 snapshots: SnapshotStore | None = None, metrics: Metrics | None = None) -> None:
+                 snapshots: SnapshotStore | None = None, metrics: Metrics | None = None,
+                 max_per_owner: int | None = None) -> None:
         self._max_sessions = max_sessions
+        self._max_per_owner = max_per_owner
         self._ttl_s = ttl_s
         self._max_resident = max_resident if snapshots is not None and max_resident else max_sessions
         self._snapshots = snapshots
@@ -271,6 +273,12 @@ class SessionStore:
         known = len(self._stored) + sum(1 for sid in self._resident if sid not in self._stored)
         if known >= self._max_sessions:
             raise SessionLimitError(f"{self._max_sessions} sessions exist; delete one or retry later")
+        if self._max_per_owner is not None and session.owner is not None:
+            owners = [s["owner"] for s in self._stored.values()]
+            owners += [s.owner for sid, s in self._resident.items() if sid not in self._stored]
+            if owners.count(session.owner) >= self._max_per_owner:
+                raise SessionLimitError(f"this API key has {self._max_per_owner} sessions (H2O_MAX_SESSIONS_PER_KEY);"
+                                        " delete one or retry after they expire")
         self._evict(room=1)
         self._resident[session.id] = session
 

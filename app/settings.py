@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_running: int = Field(16, ge=1, description="generations advanced together (batched: one forward)")
     max_waiting: int = Field(64, ge=0, description="queued generations beyond max_running; more get 429")
     max_sessions: int = Field(1024, ge=1, description="sessions (in memory or on disk); creating more gets 429")
+    max_sessions_per_key: int | None = Field(
+        None, ge=1, description="sessions one API key may hold (in memory or on disk); more get 429, so one key "
+        "cannot fill H2O_MAX_SESSIONS for the others (none: no per-key limit)")
     session_ttl_s: float = Field(3600.0, ge=0, description="idle sessions older than this are deleted (0: never)")
     snapshot_dir: str | None = Field(None, description="persist sessions here after every turn (none: in memory)")
     max_resident_sessions: int | None = Field(

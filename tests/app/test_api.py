@@ -220,6 +220,28 @@ def test_api_keys_guard_the_api_but_not_health_or_metrics(serve):
         assert client.get("/health").status_code == client.get("/metrics").status_code == 200
 
 
+def test_one_key_cannot_take_every_session(serve, tmp_path):
+    """H2O_MAX_SESSIONS_PER_KEY counts a key's sessions in memory and on disk; the other key still gets its own,
+    a refused request creates nothing, and deleting one makes room again."""
+    server = serve(api_keys="key-a,key-b", max_sessions=10, max_sessions_per_key=2, max_resident_sessions=1,
+                   snapshot_dir=str(tmp_path))
+    body = {"message": "hi", "stream": False, **GREEDY}
+
+    def post(key: str, sid: str) -> httpx.Response:
+        return client.post(f"/sessions/{sid}/generate", json=body, headers={"X-API-Key": key})
+
+    with server.client() as client:
+        assert post("key-a", "a1").status_code == post("key-a", "a2").status_code == 200  # a1 now only on disk
+        refused = post("key-a", "a3")
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "too_many_sessions"
+        assert "H2O_MAX_SESSIONS_PER_KEY" in refused.json()["error"]["message"]
+        assert client.get("/sessions/a3", headers={"X-API-Key": "key-a"}).status_code == 404
+        assert post("key-a", "a1").status_code == 200  # its own sessions go on
+        assert post("key-b", "b1").status_code == 200
+        assert client.delete("/sessions/a2", headers={"X-API-Key": "key-a"}).status_code == 204
+        assert post("key-a", "a3").status_code == 200
+
+
 def test_health_ready_and_the_replica_header(server):
     with server.client() as client:
         health, ready = client.get("/health"), client.get("/ready")
