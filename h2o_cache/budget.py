@@ -47,7 +47,3 @@ def session_nbytes(config: PretrainedConfig, policy: CachePolicy, dtype: torch.d
     slots = -(-max(n_tokens, 1) // PAGE) * PAGE
     return (slots if steady is None else min(slots, steady)) * slot_nbytes(config, policy, dtype)
 
-
-def fits(config: PretrainedConfig, policy: CachePolicy, dtype: torch.dtype, budget_bytes: int) -> bool:
-    """Whether a full session of ``policy`` holds at most ``budget_bytes``."""
-    return session_nbytes(config, policy, dtype) <= budget_bytes
