@@ -177,9 +177,13 @@ def health() -> dict[str, str]:
 
 @public.get("/ready")
 def ready(state: State) -> JSONResponse:
-    """200 once the model is loaded; 503 while it loads (or if loading failed)."""
-    if state.engine.ready:
+    """200 once the model is loaded; 503 while it loads (or if loading failed), and while snapshots cannot be
+    written (turns would not be acknowledged)."""
+    if state.engine.ready and state.sessions.write_error is None:
         return JSONResponse({"status": "ready", "model": state.settings.model})
+    if state.engine.ready:
+        body = {"status": "storage_failing", "detail": f"the last snapshot write failed: {state.sessions.write_error}"}
+        return JSONResponse(body, 503, headers={"Retry-After": str(state.settings.retry_after_s)})
     body = {"status": "failed" if state.engine.load_error else "loading", "detail": state.engine.load_error}
     return JSONResponse(body, 503, headers={"Retry-After": str(state.settings.retry_after_s)})
 
@@ -358,7 +362,7 @@ async def _collect(generation: Generation, request: Request) -> TurnResult:
         async for event in generation:  # token events, then the TurnResult
             last = event
     except GenerationError as exc:
-        raise ApiError(500, str(exc), "generation_error") from exc
+        raise ApiError(exc.status, str(exc), exc.type) from exc
     finally:
         watcher.cancel()
         generation.cancel()  # no-op once finished; stops the worker if this handler was cancelled
@@ -386,7 +390,7 @@ async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEven
             else:
                 yield ServerSentEvent(event.model_dump_json(exclude={"text"}), event="done")
     except GenerationError as exc:
-        yield ServerSentEvent(json.dumps(_error_body(str(exc), "generation_error", 500)), event="error")
+        yield ServerSentEvent(json.dumps(_error_body(str(exc), exc.type, exc.status)), event="error")
     finally:
         generation.cancel()  # no-op once finished; a disconnected client stops the generation here
 
@@ -409,7 +413,7 @@ async def _openai_chunks(generation: Generation, completion_id: str, created: in
                 yield chunk({}, _openai_finish(event.finish_reason))
         yield ServerSentEvent("[DONE]")
     except GenerationError as exc:
-        yield ServerSentEvent(json.dumps(_error_body(str(exc), "generation_error", 500)))
+        yield ServerSentEvent(json.dumps(_error_body(str(exc), exc.type, exc.status)))
     finally:
         generation.cancel()
 

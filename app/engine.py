@@ -43,6 +43,17 @@ class SessionBusyError(Exception):
 class GenerationError(Exception):
     """A generation failed inside the worker; the session was rolled back to its last turn."""
 
+    type = "generation_error"
+    status = 500
+
+
+class TurnNotSavedError(GenerationError):
+    """The turn was generated but its snapshot could not be written: it is not acknowledged and not kept (the
+    session is what its last saved snapshot holds)."""
+
+    type = "storage_error"
+    status = 503
+
 
 class Generation:
     """One turn in flight. Created on the event loop by `Engine.submit`; advanced by the worker; its events
@@ -113,9 +124,10 @@ class Engine:
 
     def __init__(self, settings: Settings, metrics: Metrics,
                  preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
-                 persist: Callable[[Session, Callable[[], None]], None] | None = None) -> None:
+                 persist: Callable[[Session, Callable[[Exception | None], None]], None] | None = None) -> None:
         """`persist(session, then)` is called on the worker when a turn has changed a session; it must call
-        `then()` (from any thread) once the session is saved, which ends the turn (SessionStore.persist)."""
+        `then(error)` (from any thread) once the session is saved or could not be (SessionStore.persist), which
+        ends the turn: with its result, or with TurnNotSavedError."""
         self._settings = settings
         self._metrics = metrics
         self._persist = persist
@@ -338,8 +350,13 @@ class Engine:
             ttft_s=ttft_s, tpot_s=tpot_s, text=g.decoder.output,
         )
 
-        def complete() -> None:
-            self._release(g, result)
+        def complete(error: Exception | None = None) -> None:
+            if error is None:
+                self._release(g, result)
+                return
+            self._metrics.requests.labels("error").inc()
+            self._release(g, TurnNotSavedError(f"the turn was generated but could not be saved ({error}); it was "
+                                               "not kept: retry it once storage works"))
 
         if started and self._persist is not None:
             self._persist(s, complete)

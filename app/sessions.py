@@ -153,6 +153,8 @@ class SessionStore:
         self._disk_lock = threading.Lock()
         """Orders a turn's save against a DELETE of the same session (worker thread vs event loop)."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.write_error: str | None = None
+        """Why the last snapshot write failed; None once one succeeds (``/ready`` answers 503 meanwhile)."""
 
     @property
     def persistent(self) -> bool:
@@ -295,12 +297,12 @@ class SessionStore:
                 self._writer.delete(session_id)
         return session
 
-    def persist(self, session: Session, then: Callable[[], None]) -> None:
+    def persist(self, session: Session, then: Callable[[Exception | None], None]) -> None:
         """Worker thread, at the end of a turn: snapshot the session now and write it on the writer thread; the
-        store learns about it on the event loop, then `then()` runs (it ends the turn, so a client sees a
-        turn's end only once the turn is on disk)."""
+        store learns about it on the event loop, then `then(error)` runs (it ends the turn, so a client sees a
+        turn's end only once the turn is on disk, and an error when it could not be written)."""
         if self._writer is None:
-            then()
+            then(None)
             return
         state, tensor_bytes = session.to_state()
         started = time.perf_counter()
@@ -310,21 +312,25 @@ class SessionStore:
                 self._metrics.snapshot_write_seconds.observe(time.perf_counter() - started)
             signature = self._snapshots.signature(file_stem(session.id)) if error is None else None
             self._loop.call_soon_threadsafe(self._saved, session, state, signature, error)
-            then()
+            then(error)
 
         with self._disk_lock:
             if session.deleted:
-                then()
+                then(None)
             else:
                 self._writer.save(state, tensor_bytes, done)
 
     def _saved(self, session: Session, state: dict[str, Any], signature: Signature | None,
                error: Exception | None) -> None:
-        if error is not None:
+        if error is not None:  # the turn is not acknowledged, so it is not kept: the next use reads what is on disk
             session.persisted = False
+            self.write_error = f"{type(error).__name__}: {error}"
+            if self._resident.get(session.id) is session:
+                del self._resident[session.id]
             if self._metrics is not None:
                 self._metrics.snapshot_errors.labels("write").inc()
             return
+        self.write_error = None
         session.persisted = True
         if not session.deleted:
             self._stored[session.id] = stored_summary(state)
