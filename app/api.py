@@ -44,7 +44,7 @@ from app.protocol import (
     valid_session_id,
 )
 from app.sampling import SamplingParams
-from app.sessions import Session, SessionLimitError, SessionStore
+from app.sessions import Session, SessionLimitError, SessionStore, SnapshotDeleteError
 from app.settings import Settings
 from app.snapshots import SnapshotCorruptError
 from h2o_cache import CachePolicy
@@ -212,14 +212,19 @@ async def get_session(session_id: SessionId, state: State, owner: Owner) -> Sess
 
 
 @protected.delete("/sessions/{session_id}", status_code=204)
-def delete_session(session_id: SessionId, state: State, owner: Owner) -> Response:
-    """Deleting a generating session cancels its generation; its snapshot goes too (a damaged one included)."""
+async def delete_session(session_id: SessionId, state: State, owner: Owner) -> Response:
+    """Deleting a generating session cancels its generation; its snapshot goes too (a damaged one included), and
+    204 means the files are gone (500 `storage_error` if they could not be removed: the session still exists).
+    On the event loop, as every other use of the session store."""
     if not state.sessions.exists(session_id):
         raise _not_found(session_id)
     summary = state.sessions.summary(session_id)
     if summary is not None and not _owns(state, owner, summary["owner"]):
         raise _not_found(session_id)
-    session = state.sessions.pop(session_id)
+    try:
+        session = await state.sessions.delete(session_id)
+    except SnapshotDeleteError as exc:
+        raise ApiError(500, str(exc), "storage_error") from exc
     if session is not None and session.active is not None:
         session.active.cancel()
     return Response(status_code=204)

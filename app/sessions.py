@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,10 @@ class Session:
 def stored_summary(state: dict[str, Any]) -> dict[str, Any]:
     return {**{name: state[name] for name in SUMMARY_FIELDS}, "policy": CachePolicy(**state["policy"]),
             "busy": False}
+
+
+class SnapshotDeleteError(Exception):
+    """A session's snapshot files could not be removed."""
 
 
 class SessionLimitError(Exception):
@@ -285,17 +290,36 @@ class SessionStore:
         self._resident[session.id] = session
 
     def pop(self, session_id: str) -> Session | None:
-        """Forget a session, in memory and on disk (a damaged snapshot included)."""
+        """Forget a session, in memory and on disk (a damaged snapshot included), without waiting for the disk."""
+        return self._pop(session_id)[0]
+
+    async def delete(self, session_id: str) -> Session | None:
+        """`pop`, then wait until its files are gone. SnapshotDeleteError if they could not be removed: the session
+        is then indexed again from what is on disk (it would be back after a restart, so it is not gone)."""
+        session, removed = self._pop(session_id)
+        if removed is not None:
+            try:
+                await asyncio.wrap_future(removed)
+            except OSError as exc:
+                self.refresh(session_id)
+                if self._metrics is not None:
+                    self._metrics.snapshot_errors.labels("write").inc()
+                raise SnapshotDeleteError(f"the snapshot of session {session_id!r} could not be removed ({exc}); "
+                                          "the session still exists") from exc
+        return session
+
+    def _pop(self, session_id: str) -> tuple[Session | None, Future | None]:
         session = self._resident.pop(session_id, None)
         if session is not None:
             session.deleted = True
         stem = file_stem(session_id)
         self._signatures.pop(stem, None)
         on_disk = self._stored.pop(session_id, None) is not None or self._corrupt.pop(stem, None) is not None
+        removed = None
         if self._writer is not None and (on_disk or session is not None):
             with self._disk_lock:
-                self._writer.delete(session_id)
-        return session
+                removed = self._writer.delete(session_id)
+        return session, removed
 
     def persist(self, session: Session, then: Callable[[Exception | None], None]) -> None:
         """Worker thread, at the end of a turn: snapshot the session now and write it on the writer thread; the

@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,14 +236,21 @@ class SnapshotWriter:
 
         self._jobs.put(job)
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str) -> Future:
+        """Queue a delete; the future is done once the files are gone, or holds the OSError that kept them."""
+        done: Future = Future()
+
         def job() -> None:
             try:
                 self._store.delete(session_id)
-            except OSError:
+            except OSError as exc:
                 logger.exception("could not delete the snapshot of session %s", session_id)
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
 
         self._jobs.put(job)
+        return done
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish every queued job, then stop."""

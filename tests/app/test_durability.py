@@ -56,3 +56,24 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         store.save({"id": "s", "turns": 1}, b"tensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_delete_that_cannot_remove_the_files_fails_and_the_session_stays(serve, tmp_path, monkeypatch):
+    server = serve(snapshot_dir=str(tmp_path))
+    real_delete = SnapshotStore.delete
+
+    def read_only(self, session_id):
+        raise PermissionError(13, "Read-only file system")
+
+    with server.client() as client:
+        generate(client, "kept", "hello", **GREEDY)
+        monkeypatch.setattr(SnapshotStore, "delete", read_only)
+        failed = client.delete("/sessions/kept")
+        assert failed.status_code == 500 and failed.json()["error"]["type"] == "storage_error"
+        assert "Read-only file system" in failed.json()["error"]["message"]
+        assert client.get("/sessions/kept").json()["turns"] == 1  # still there, as it would be after a restart
+        generate(client, "kept", "again", **GREEDY)
+        monkeypatch.setattr(SnapshotStore, "delete", real_delete)
+        assert client.delete("/sessions/kept").status_code == 204
+        assert client.get("/sessions/kept").status_code == 404
+    assert list(tmp_path.glob("*.json")) == []
