@@ -189,7 +189,8 @@ def ready(state: State) -> JSONResponse:
 
 
 @public.get("/metrics")
-def metrics(state: State) -> Response:
+async def metrics(state: State) -> Response:
+    """On the event loop: the session gauges are read from the session store at scrape time."""
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -199,8 +200,8 @@ def index() -> FileResponse:
 
 
 @protected.get("/sessions")
-def list_sessions(state: State, owner: Owner) -> SessionList:
-    """The caller's sessions, in memory or on disk."""
+async def list_sessions(state: State, owner: Owner) -> SessionList:
+    """The caller's sessions, in memory or on disk (on the event loop, as every use of the session store)."""
     summaries = state.sessions.summaries()
     return SessionList(sessions=[_info(s) for s in summaries if _owns(state, owner, s["owner"])])
 
