@@ -277,6 +277,7 @@ class SessionStore:
     def add(self, session: Session) -> None:
         """A new session (its id must be unknown: check `exists` first)."""
         self.expire()
+        self._drop_unanswered()
         known = len(self._stored) + sum(1 for sid in self._resident if sid not in self._stored)
         if known >= self._max_sessions:
             raise SessionLimitError(f"{self._max_sessions} sessions exist; delete one or retry later")
@@ -370,6 +371,7 @@ class SessionStore:
 
     def summaries(self) -> list[dict[str, Any]]:
         """Every session, resident or on disk (damaged snapshots excluded)."""
+        self._drop_unanswered()
         resident = [s.summary() for s in self._resident.values()]
         return resident + [summary for sid, summary in self._stored.items() if sid not in self._resident]
 
@@ -411,6 +413,14 @@ class SessionStore:
                 excess -= 1
                 if self._metrics is not None:
                     self._metrics.sessions_evicted.inc()
+
+    def _drop_unanswered(self) -> None:
+        """Forget sessions whose first turn ended before anything was fed (queued, then abandoned or failed): they
+        hold nothing, and must not count against H2O_MAX_SESSIONS or a key's quota."""
+        for session_id, session in list(self._resident.items()):
+            if session.turns == 0 and session.active is None and session_id not in self._stored:
+                del self._resident[session_id]
+                session.deleted = True
 
     def _count_corrupt(self) -> None:
         if self._metrics is not None:
