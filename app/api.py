@@ -49,7 +49,6 @@ from app.settings import Settings
 from app.snapshots import SnapshotCorruptError
 from h2o_cache import CachePolicy
 from h2o_cache.budget import session_nbytes
-from h2o_cache.quant import KV_DTYPES
 
 STATIC_DIR = Path(__file__).parent / "static"
 CANCEL_GRACE_S = 5.0
@@ -102,14 +101,10 @@ class ServerState:
         """The requested (or default) policy, within the server's limits; ApiError 422 otherwise. Its KV storage is
         `kv_dtype`, else the name's `_<kv_dtype>` suffix, else `default_kv_dtype` (default: H2O_KV_DTYPE)."""
         s = self.settings
-        name = name or s.policy
-        options: dict = {"slack": s.policy_slack}
-        if kv_dtype is not None:
-            options["kv_dtype"] = kv_dtype
-        elif name.strip().lower().rpartition("_")[2] not in KV_DTYPES:
-            options["kv_dtype"] = default_kv_dtype or s.kv_dtype
+        options = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
         try:
-            policy = CachePolicy.parse(name, **options)
+            policy = CachePolicy.parse(name or s.policy, slack=s.policy_slack,
+                                       default_kv_dtype=default_kv_dtype or s.kv_dtype, **options)
         except ValueError as exc:
             raise _invalid_policy(str(exc)) from exc
         if policy.kv_dtype not in s.allowed_kv_dtypes:

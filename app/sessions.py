@@ -278,12 +278,11 @@ class SessionStore:
         """A new session (its id must be unknown: check `exists` first)."""
         self.expire()
         self._drop_unanswered()
-        known = len(self._stored) + sum(1 for sid in self._resident if sid not in self._stored)
-        if known >= self._max_sessions:
+        owners = [s["owner"] for s in self._stored.values()]  # of every known session, in memory or on disk
+        owners += [s.owner for sid, s in self._resident.items() if sid not in self._stored]
+        if len(owners) >= self._max_sessions:
             raise SessionLimitError(f"{self._max_sessions} sessions exist; delete one or retry later")
         if self._max_per_owner is not None and session.owner is not None:
-            owners = [s["owner"] for s in self._stored.values()]
-            owners += [s.owner for sid, s in self._resident.items() if sid not in self._stored]
             if owners.count(session.owner) >= self._max_per_owner:
                 raise SessionLimitError(f"this API key has {self._max_per_owner} sessions (H2O_MAX_SESSIONS_PER_KEY);"
                                         " delete one or retry after they expire")

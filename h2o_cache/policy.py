@@ -129,10 +129,11 @@ class CachePolicy:
         return cls(kind="h2o", n_sink=n_sink, n_recent=n_recent, capacity=capacity, **options)
 
     @classmethod
-    def parse(cls, name: str, **options) -> CachePolicy:
+    def parse(cls, name: str, default_kv_dtype: str = "auto", **options) -> CachePolicy:
         """Build a policy from its name (``full``, ``baseline``, ``streaming_8_256``, ``h2o_8_32_256``, any of them
         with a ``_<kv_dtype>`` suffix); ``options`` set the remaining fields (score_mode, decay, slack, chunk_size,
-        rolling, kv_dtype)."""
+        rolling, kv_dtype). ``default_kv_dtype`` is the storage when neither the name nor the options say (a
+        server's default for sessions that do not choose)."""
         match = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
         if match is None:
             raise ValueError(
@@ -143,6 +144,8 @@ class CachePolicy:
             if options.get("kv_dtype", match.group(7)) != match.group(7):
                 raise ValueError(f"{name!r} names kv_dtype {match.group(7)!r}, the options {options['kv_dtype']!r}")
             options = {**options, "kv_dtype": match.group(7)}
+        else:
+            options = {"kv_dtype": default_kv_dtype, **options}
         if match.group(1):
             return cls.full(**options)
         if match.group(2):
