@@ -29,7 +29,7 @@ from transformers import AutoConfig
 from app.settings import Settings
 from benchmarks import report
 from h2o_cache import CachePolicy
-from h2o_cache.budget import session_nbytes
+from h2o_cache.budget import kv_shape, session_nbytes
 from h2o_cache.loading import resolve_model_path
 from loadtest.stack import save_tiny_llama, serve
 
@@ -97,11 +97,9 @@ def run_storage(args, kv_dtype: str, config, device: str, dtype: torch.dtype, lo
 
 def before_bytes(config, policy: CachePolicy, dtype: torch.dtype) -> int:
     """The pre-#13 layout: every session ``capacity + slack`` slots in the model's dtype, int64 positions."""
-    text = config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    layers, kv_heads, head_dim = kv_shape(config)
     per_head = 2 * head_dim * dtype.itemsize + 4 + 8 + 1
-    return (policy.capacity + policy.slack) * text.num_hidden_layers * kv_heads * per_head
+    return (policy.capacity + policy.slack) * layers * kv_heads * per_head
 
 
 def render(results: list[dict], before: int) -> tuple[list[str], list[list]]:

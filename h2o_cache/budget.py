@@ -16,7 +16,7 @@ from h2o_cache.quant import FloatCodec, make_codec
 from h2o_cache.scorers import SCORERS
 
 
-def _shape(config: PretrainedConfig) -> tuple[int, int, int]:
+def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     """(layers, KV heads, head_dim) of a model config."""
     text = config.get_text_config()
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -27,7 +27,7 @@ def _shape(config: PretrainedConfig) -> tuple[int, int, int]:
 def slot_nbytes(config: PretrainedConfig, policy: CachePolicy, dtype: torch.dtype) -> int:
     """Bytes one token slot costs over all layers and KV heads (keys, values, scales, scores, bookkeeping) for a
     model computing in ``dtype``."""
-    layers, kv_heads, head_dim = _shape(config)
+    layers, kv_heads, head_dim = kv_shape(config)
     codecs = {kind: make_codec(policy.kv_dtype, dtype, head_dim, kind) for kind in ("keys", "values")}
     tracks_rotation = policy.rolling and policy.capacity is not None and codecs["keys"] != FloatCodec(dtype)
     scores = policy.needs_scores and SCORERS[policy.score_mode].needs_attention
