@@ -20,6 +20,26 @@ def valid_session_id(session_id: str) -> bool:
 
 MAX_STOP_STRINGS = 8
 """Stop strings a request may send (each is checked against the text after every token), on every route."""
+MAX_STOP_CHARS = 256
+"""Characters in one stop string: after every token the held-back tail is matched against each prefix of each stop
+string, so the work per token grows with the square of their length."""
+MAX_POLICY_CHARS = 64
+"""Characters in a policy name (`h2o_4_256_512_int8` has 18; a name is parsed, and echoed in errors)."""
+MAX_KV_DTYPE_CHARS = 16
+"""Characters in a kv_dtype (the names, h2o_cache.quant.KV_DTYPES, are far shorter)."""
+MAX_MODEL_CHARS = 256
+"""Characters in the OpenAI `model` field (ignored: the server serves one model, but echoed in the reply)."""
+MAX_USER_CHARS = 256
+"""Characters in the OpenAI `user` field (the session id when X-Session-Id is absent: then 128, SESSION_ID_RULE)."""
+MAX_CHAT_MESSAGES = 1024
+"""Messages in one chat completion request. Only the last (and a leading system message) is used today: the
+server keeps the history; generous so that a client may resend a long history."""
+MAX_CONTENT_PARTS = 256
+"""Text parts in one message's content list (they are joined into one string)."""
+MAX_NAME_CHARS = 64
+"""Characters in a chat message's `name` (OpenAI's participant name; ignored)."""
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -40,14 +60,17 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     message: str = Field(min_length=1)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    system: str | None = Field(None, description="system prompt; only on a session's first turn")
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    system: str | None = Field(None, description="system prompt; only on a session's first turn (the server's "
+                               "max_message_chars applies, as to `message`)")
     stream: bool = True
-    policy: str | None = Field(None, description="cache policy, only when this request creates the session; a "
-                               "name may end in _<kv_dtype> (h2o_4_256_512_int8)")
-    kv_dtype: str | None = Field(None, description="how the new session stores keys and values: auto (the model's "
-                                 "dtype), fp32, bf16, fp16, int8, k8v4 (int8 keys, int4 values) or int4; default: "
-                                 "the policy name's suffix, else the server's H2O_KV_DTYPE")
+    policy: str | None = Field(None, max_length=MAX_POLICY_CHARS,
+                               description="cache policy, only when this request creates the session; a name may end "
+                               "in _<kv_dtype> (h2o_4_256_512_int8)")
+    kv_dtype: str | None = Field(None, max_length=MAX_KV_DTYPE_CHARS,
+                                 description="how the new session stores keys and values: auto (the model's dtype), "
+                                 "fp32, bf16, fp16, int8, k8v4 (int8 keys, int4 values) or int4; default: the policy "
+                                 "name's suffix, else the server's H2O_KV_DTYPE")
 
 
 class Usage(BaseModel):
@@ -101,6 +124,8 @@ def _join_text_parts(content: object) -> object:
     """OpenAI's content may be a list of parts; text parts are joined, anything else (images, audio) refused."""
     if not isinstance(content, list):
         return content
+    if len(content) > MAX_CONTENT_PARTS:
+        raise ValueError(f"content has {len(content)} parts; at most {MAX_CONTENT_PARTS} are allowed")
     if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
                for part in content):
         raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
@@ -108,8 +133,12 @@ def _join_text_parts(content: object) -> object:
 
 
 class ChatMessage(BaseModel):
+    """Other fields (tool_calls, tool_call_id ...) are ignored."""
+
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Annotated[str, BeforeValidator(_join_text_parts)]
+    content: Annotated[str, BeforeValidator(_join_text_parts)] = Field(
+        description="the server's max_message_chars applies to the messages used (the last, a leading system one)")
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS, description="ignored")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -118,12 +147,12 @@ class ChatCompletionRequest(SamplingFields):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = "h2o-serve"
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field("h2o-serve", max_length=MAX_MODEL_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     n: Literal[1] = 1
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)

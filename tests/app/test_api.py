@@ -10,6 +10,17 @@ import httpx
 import pytest
 
 from app.main import create_app
+from app.protocol import (
+    MAX_CHAT_MESSAGES,
+    MAX_CONTENT_PARTS,
+    MAX_KV_DTYPE_CHARS,
+    MAX_MODEL_CHARS,
+    MAX_NAME_CHARS,
+    MAX_POLICY_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_USER_CHARS,
+)
 from app.settings import DEFAULT_KV_DTYPE, Settings
 from h2o_cache import CachePolicy
 from tests.app.conftest import SMALL_SLACK, generate, run_server, scrape, sse_events, wait_for_metric
@@ -175,6 +186,90 @@ def test_invalid_session_ids_are_rejected(server, session_id):
         response = client.post(f"/sessions/{session_id}/generate", json={"message": "hi"})
     assert response.status_code == 422
     assert "session_id" in response.json()["error"]["message"]
+
+
+NATIVE, CHAT = "/sessions/{id}/generate", "/v1/chat/completions"
+ONE_NATIVE = {"message": "hi", "stream": False, "max_new_tokens": 1}
+ONE_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+CHARS = Settings.model_fields["max_message_chars"].default  # the test server's (H2O_MAX_MESSAGE_CHARS)
+
+
+def _policy(chars: int) -> str:
+    """A valid policy name (h2o_4_8_32) padded to `chars` with leading zeros, which its regex allows."""
+    return "h2o_4_8_" + "32".rjust(chars - len("h2o_4_8_"), "0")
+
+
+def _user(content: object, **fields) -> dict:
+    return {"role": "user", "content": content, **fields}
+
+
+# Each body is valid but for one field just over its cap, so without the cap it would be served (200) and create
+# the session (the kv_dtype, which no valid name is this long, would get a different error: `unknown kv_dtype`);
+# (route, body, status, what the error message must say).
+OVER_CAP = {
+    "stop string chars": (NATIVE, {**ONE_NATIVE, "stop": ["s" * (MAX_STOP_CHARS + 1)]}, 422,
+                          f"at most {MAX_STOP_CHARS} characters"),
+    "stop strings": (NATIVE, {**ONE_NATIVE, "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}, 422,
+                     f"at most {MAX_STOP_STRINGS} items"),
+    "policy chars": (NATIVE, {**ONE_NATIVE, "policy": _policy(MAX_POLICY_CHARS + 1)}, 422,
+                     f"at most {MAX_POLICY_CHARS} characters"),
+    "kv_dtype chars": (NATIVE, {**ONE_NATIVE, "kv_dtype": "int8".ljust(MAX_KV_DTYPE_CHARS + 1)}, 422,
+                       f"at most {MAX_KV_DTYPE_CHARS} characters"),
+    "message chars": (NATIVE, {**ONE_NATIVE, "message": "x" * (CHARS + 1)}, 413, f"the limit is {CHARS}"),
+    "system chars": (NATIVE, {**ONE_NATIVE, "system": "x" * (CHARS + 1)}, 413, f"the limit is {CHARS}"),
+    "chat messages": (CHAT, {**ONE_CHAT, "messages": [_user("hi")] * (MAX_CHAT_MESSAGES + 1)}, 422,
+                      f"at most {MAX_CHAT_MESSAGES} items"),
+    "chat content chars": (CHAT, {**ONE_CHAT, "messages": [_user("x" * (CHARS + 1))]}, 413, f"the limit is {CHARS}"),
+    "chat system chars": (CHAT, {**ONE_CHAT, "messages": [{"role": "system", "content": "x" * (CHARS + 1)},
+                                                          _user("hi")]}, 413, f"the limit is {CHARS}"),
+    "chat content parts": (CHAT, {**ONE_CHAT, "messages": [
+        _user([{"type": "text", "text": "h"}] * (MAX_CONTENT_PARTS + 1))]}, 422, f"at most {MAX_CONTENT_PARTS}"),
+    "chat name chars": (CHAT, {**ONE_CHAT, "messages": [_user("hi", name="n" * (MAX_NAME_CHARS + 1))]}, 422,
+                        f"at most {MAX_NAME_CHARS} characters"),
+    "chat model chars": (CHAT, {**ONE_CHAT, "model": "m" * (MAX_MODEL_CHARS + 1)}, 422,
+                         f"at most {MAX_MODEL_CHARS} characters"),
+    "chat user chars": (CHAT, {**ONE_CHAT, "user": "u" * (MAX_USER_CHARS + 1)}, 422,
+                        f"at most {MAX_USER_CHARS} characters"),
+    "chat stop string chars": (CHAT, {**ONE_CHAT, "stop": "s" * (MAX_STOP_CHARS + 1)}, 422,
+                               f"at most {MAX_STOP_CHARS} characters"),
+    "chat stop list string chars": (CHAT, {**ONE_CHAT, "stop": ["s" * (MAX_STOP_CHARS + 1)]}, 422,
+                                    f"at most {MAX_STOP_CHARS} characters"),
+    "chat stop strings": (CHAT, {**ONE_CHAT, "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}, 422,
+                          f"at most {MAX_STOP_STRINGS} items"),
+}
+
+
+@pytest.mark.parametrize("case", OVER_CAP)
+def test_a_field_just_over_its_cap_gets_a_json_error_and_creates_nothing(server, case):
+    path, body, status, says = OVER_CAP[case]
+    session_id = "capped-" + case.replace(" ", "-")
+    with server.client(headers={"X-Session-Id": session_id}) as client:
+        before = client.get("/sessions").json()
+        response = client.post(path.format(id=session_id), json=body)
+        after = client.get("/sessions").json()
+        assert client.get(f"/sessions/{session_id}").status_code == 404
+    assert (response.status_code, response.headers["content-type"]) == (status, "application/json")
+    error = response.json()["error"]
+    assert error["code"] == status and says in error["message"], error
+    assert after == before
+
+
+def test_every_field_at_its_cap_is_accepted(server):
+    """The caps are not off by one: a request with every capped field at its cap is served (on both routes)."""
+    stop = [chr(0x4E00 + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]  # never generated by the tiny model
+    native = {**ONE_NATIVE, "stop": stop, "policy": _policy(MAX_POLICY_CHARS)}
+    parts = [{"type": "text", "text": "h"}] * MAX_CONTENT_PARTS
+    chat = {**ONE_CHAT, "stop": stop, "model": "m" * MAX_MODEL_CHARS, "user": "u" * MAX_USER_CHARS,
+            "messages": [*[_user("hi")] * (MAX_CHAT_MESSAGES - 1), _user(parts, name="n" * MAX_NAME_CHARS)]}
+    with server.client() as client:
+        served = client.post("/sessions/at-cap/generate", json=native)
+        completion = client.post(CHAT, json=chat, headers={"X-Session-Id": "at-cap-chat"})
+        sessions = {s["id"]: s for s in client.get("/sessions").json()["sessions"]}
+    assert served.status_code == 200, served.text
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["model"] == "m" * MAX_MODEL_CHARS
+    assert sessions["at-cap"]["policy"] == CachePolicy.parse("h2o_4_8_32", kv_dtype=DEFAULT_KV_DTYPE).name
+    assert "at-cap-chat" in sessions
 
 
 def test_policy_and_system_are_fixed_at_creation(server):
