@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
@@ -15,17 +17,36 @@ from app.settings import Settings
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn, except on SIGTERM/SIGINT: stop accepting, let running turns finish for H2O_SHUTDOWN_GRACE_S, then
-    cancel them (the partial turn is kept), save every session, and exit 0 (plain uvicorn re-raises the signal,
-    so the process would end by it). A second signal forces the exit."""
+    """uvicorn, except on SIGTERM/SIGINT: stop accepting connections and run `drain` (app.main.drain: new turns get
+    503 on the connections still open, running turns may finish for H2O_SHUTDOWN_GRACE_S, then are cancelled, the
+    partial turn kept); only then let uvicorn shut down (close the connections, save every session), and exit 0.
+    Plain uvicorn closes idle keep-alive connections at once (a client reusing one got a dropped connection, not
+    the 503) and re-raises the signal (the process would end by it). A second signal forces the exit."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._start_drain = drain
+        self._drain_requested = False
+        self._drain: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit:
-            self.force_exit = True
+        if self._drain_requested or self.should_exit:
+            self.force_exit = self.should_exit = True
             return
         logging.getLogger(__name__).info("%s: draining", signal.Signals(sig).name)
-        self.should_exit = True
-        self.config.app.state.server.begin_drain()
+        self._drain_requested = True  # the main loop starts the drain within 0.1 s (on_tick)
+
+    async def on_tick(self, counter: int) -> bool:
+        """Called by uvicorn's main loop every 0.1 s; the loop ends, and uvicorn's shutdown begins, on True."""
+        if self._drain_requested and self._drain is None:
+            for server in getattr(self, "servers", []):
+                server.close()  # stop accepting; the connections already open stay open during the drain
+            self._drain = asyncio.create_task(self._start_drain())
+        if self._drain is not None and self._drain.done() and not self.should_exit:
+            if not self._drain.cancelled() and self._drain.exception() is not None:
+                logging.getLogger(__name__).error("drain failed", exc_info=self._drain.exception())
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def main() -> None:
@@ -38,11 +59,11 @@ def main() -> None:
     except ValidationError as exc:
         sys.exit(f"invalid settings, refusing to start:\n{exc}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.main import app  # after logging is set up; builds the app from the same environment
+    from app.main import DRAIN_MARGIN_S, app, drain  # after logging is set up; builds the app from the same environment
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
-    GracefulServer(config).run()
+                            timeout_graceful_shutdown=settings.shutdown_grace_s + DRAIN_MARGIN_S)
+    GracefulServer(config, lambda: drain(app)).run()
 
 
 if __name__ == "__main__":

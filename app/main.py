@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,8 @@ from app.settings import Settings
 from app.snapshots import SnapshotStore
 
 GENERATION_PATHS = ("/generate", "/v1/chat/completions")
+DRAIN_MARGIN_S = 5.0
+"""On SIGTERM, how long past H2O_SHUTDOWN_GRACE_S the cancelled turns may take to be saved and answered."""
 
 
 def create_app(settings: Settings | None = None,
@@ -53,10 +56,12 @@ def create_app(settings: Settings | None = None,
 
     app = FastAPI(title="h2o-serve", lifespan=lifespan)
     app.state.server = state
+    app.state.generations = GenerationsInFlight()
     app.include_router(public)
     app.include_router(protected)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ReplicaHeader, name=settings.replica_name)
+    app.add_middleware(CountGenerations, counter=app.state.generations)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -82,6 +87,17 @@ def _error(status: int, message: str, type_: str, headers: dict[str, str] | None
     return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status, headers=headers)
 
 
+async def drain(app: FastAPI) -> None:
+    """The first phase of a graceful shutdown (`python -m app` on SIGTERM, see app.__main__): new turns get 503
+    `shutting_down`, running ones may finish for H2O_SHUTDOWN_GRACE_S and are then cancelled (their partial turn is
+    saved). Returns once every generation request has been answered (at most DRAIN_MARGIN_S after the grace
+    period). Open connections keep being served meanwhile, so a request on an idle keep-alive connection gets the
+    503 rather than a closed connection; only after this does the server close its connections."""
+    state: ServerState = app.state.server
+    state.begin_drain()
+    await app.state.generations.wait_idle(state.settings.shutdown_grace_s + DRAIN_MARGIN_S)
+
+
 async def _expire_periodically(sessions: SessionStore, ttl_s: float) -> None:
     """Delete expired sessions even when no new session arrives to trigger it."""
     if not ttl_s:
@@ -89,6 +105,38 @@ async def _expire_periodically(sessions: SessionStore, ttl_s: float) -> None:
     while True:
         await asyncio.sleep(min(max(ttl_s / 4, 0.25), 60.0))
         sessions.expire()
+
+
+class GenerationsInFlight:
+    """How many generation requests are being answered (a stream counts until its last event is sent)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until none is in flight (True) or `timeout_s` has passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self.count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.count
+
+
+class CountGenerations:
+    """Keeps a GenerationsInFlight up to date (a plain ASGI middleware, like ReplicaHeader)."""
+
+    def __init__(self, app: ASGIApp, counter: GenerationsInFlight) -> None:
+        self._app = app
+        self._counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith(GENERATION_PATHS):
+            await self._app(scope, receive, send)
+            return
+        self._counter.count += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._counter.count -= 1
 
 
 class BodyLimit:
