@@ -31,6 +31,8 @@ from app.engine import (
 )
 from app.metrics import Metrics
 from app.protocol import (
+    MAX_KV_DTYPE_CHARS,
+    MAX_POLICY_CHARS,
     SESSION_ID_PATTERN,
     SESSION_ID_RULE,
     ChatCompletionRequest,
@@ -204,7 +206,11 @@ async def list_sessions(state: State, owner: Owner) -> SessionList:
 @protected.get("/sessions/{session_id}")
 async def get_session(session_id: SessionId, state: State, owner: Owner) -> SessionDetail:
     session = await _existing(state, session_id, owner)
-    return SessionDetail(**_info(session.summary()).model_dump(), messages=list(session.messages))
+    try:
+        messages = await state.sessions.messages(session)
+    except SnapshotCorruptError as exc:
+        raise ApiError(500, f"the transcript of session {session_id!r} is damaged ({exc})", "snapshot_corrupt") from exc
+    return SessionDetail(**_info(session.summary()).model_dump(), messages=messages)
 
 
 @protected.delete("/sessions/{session_id}", status_code=204)
@@ -212,10 +218,7 @@ async def delete_session(session_id: SessionId, state: State, owner: Owner) -> R
     """Deleting a generating session cancels its generation; its snapshot goes too (a damaged one included), and
     204 means the files are gone (500 `storage_error` if they could not be removed: the session still exists).
     On the event loop, as every other use of the session store."""
-    if not state.sessions.exists(session_id):
-        raise _not_found(session_id)
-    summary = state.sessions.summary(session_id)
-    if summary is not None and not _owns(state, owner, summary["owner"]):
+    if not state.sessions.exists(session_id) or not _owns(state, owner, _owner_of(state, session_id)):
         raise _not_found(session_id)
     try:
         session = await state.sessions.delete(session_id)
@@ -239,8 +242,9 @@ async def generate(session_id: SessionId, body: GenerateRequest, request: Reques
 @protected.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, owner: Owner,
                            x_session_id: Annotated[str | None, Header()] = None,
-                           x_h2o_policy: Annotated[str | None, Header()] = None,
-                           x_h2o_kv_dtype: Annotated[str | None, Header()] = None) -> Response | dict:
+                           x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
+                           x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None
+                           ) -> Response | dict:
     """OpenAI's chat API. The session comes from `X-Session-Id` (or `user`); the server keeps its history, so
     only the last message (a user message) is new; a leading system message counts on the first turn only. A new
     session's policy and KV storage come from `X-H2O-Policy` and `X-H2O-KV-Dtype`."""
@@ -426,8 +430,7 @@ def _openai_finish(reason: str) -> str:
 async def _load(state: ServerState, session_id: str, owner: str | None) -> Session | None:
     """The session if it exists and belongs to `owner` (else None when it does not exist, 404 when it is
     another key's); loaded from its snapshot if needed (500 when the snapshot is damaged)."""
-    summary = state.sessions.summary(session_id)
-    if summary is not None and not _owns(state, owner, summary["owner"]):
+    if state.sessions.exists(session_id) and not _owns(state, owner, _owner_of(state, session_id)):
         raise _not_found(session_id)
     try:
         session = await state.sessions.load(session_id)
@@ -444,6 +447,14 @@ async def _existing(state: ServerState, session_id: str, owner: str | None) -> S
     if session is None:
         raise _not_found(session_id)
     return session
+
+
+def _owner_of(state: ServerState, session_id: str) -> str | None:
+    """The owner of a known session, from its summary, or from its owner marker when its snapshot is damaged."""
+    if state.sessions.is_damaged(session_id):
+        return state.sessions.damaged_owner(session_id)
+    summary = state.sessions.summary(session_id)
+    return summary["owner"] if summary is not None else None
 
 
 def _owns(state: ServerState, caller: str | None, owner: str | None) -> bool:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.batching import Batcher
-from app.chat import Message, turn_delta
+from app.chat import Message, context, turn_delta
 from app.memory import release_freed_memory
 from app.metrics import Metrics
 from app.protocol import TokenEvent, TurnResult, Usage
@@ -181,9 +181,10 @@ class Engine:
         if session.active is not None:
             raise SessionBusyError(f"session {session.id!r} is generating; wait for the reply or cancel it")
         new_messages = [{"role": "user", "content": message}]
-        if not session.messages and session.system is not None:
+        if not session.message_count and session.system is not None:
             new_messages.insert(0, {"role": "system", "content": session.system})
-        delta = turn_delta(self.tokenizer, session.messages + new_messages, session.fed_text)
+        delta = turn_delta(self.tokenizer, context(session.system, session.history), new_messages,
+                           session.fed_prompt, session.fed_reply)
         ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=False).input_ids
         decoder = TextStream(self.tokenizer, params.stop)
         generation = Generation(session, new_messages, delta, ids, params, decoder, asyncio.get_running_loop())
@@ -328,8 +329,8 @@ class Engine:
         if started:
             ends_with_eos = reason == "stop" and g.output_ids[-1:] and g.output_ids[-1] in self._eos_ids
             content_ids = g.output_ids[:-1] if ends_with_eos else g.output_ids
-            s.messages.extend([*g.new_messages, {"role": "assistant", "content": self._raw(content_ids)}])
-            s.fed_text += g.prompt_text + self._raw(g.output_ids)
+            s.append([*g.new_messages, {"role": "assistant", "content": self._raw(content_ids)}])
+            s.fed_prompt, s.fed_reply = g.prompt_text, self._raw(g.output_ids)
             s.pending_ids = g.prompt_ids[g.n_fed :] + g.output_ids[-1:]
             s.turns += 1
             s.updated_at = time.time()
@@ -364,7 +365,8 @@ class Engine:
             complete()
 
     def _fail(self, g: Generation, error: GenerationError) -> None:
-        """The turn is dropped; the cache may hold part of it, so it is rebuilt from the history next turn."""
+        """The turn is dropped; the cache may hold part of it, so the next turn rebuilds it from the last exchanges
+        (see app.chat.context)."""
         if g.n_fed:
             g.session.reset_cache()
         self._metrics.requests.labels("error").inc()

@@ -4,7 +4,6 @@ keeps a bounded number of them in memory and, with a snapshot directory, every o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -17,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_tensors
 
-from app.chat import Message
-from app.snapshots import Signature, Snapshot, SnapshotCorruptError, SnapshotStore, SnapshotWriter, file_stem
+from app.chat import CONTEXT_MESSAGES, Message
+from app.snapshots import (ANYONE, SessionRecord, Signature, Snapshot, SnapshotCorruptError, SnapshotStore,
+                           SnapshotWriter, TranscriptRef, encode_transcript, file_stem)
 from h2o_cache import CachePolicy, cache_state
 
 if TYPE_CHECKING:
@@ -36,9 +36,9 @@ class Session:
     """One conversation. The event loop creates, lists and deletes sessions; while `active` is set, only the
     engine's worker thread changes the rest.
 
-    Invariant between turns: the cache has processed exactly `fed_text` minus the text of `pending_ids`
-    (tokens already chosen but not fed yet: the last sampled token, or what a cancelled prefill left), and
-    `messages` renders to a text that starts with `fed_text` (see app.chat.turn_delta).
+    Invariant between turns: the cache's text ends with `fed_prompt` + `fed_reply` minus the text of
+    `pending_ids` (tokens already chosen but not fed yet: the last sampled token, or what a cancelled prefill
+    left), and the last messages of `history` render to a text that holds them (see app.chat.turn_delta).
     """
 
     id: str
@@ -46,8 +46,16 @@ class Session:
     system: str | None = None
     owner: str | None = None
     """Hash of the API key that created the session (None without API keys); never the key itself."""
-    messages: list[Message] = field(default_factory=list)
-    fed_text: str = ""
+    history: list[Message] = field(default_factory=list)
+    """The latest messages: every one while the session lives only in memory; with a snapshot store, those not
+    in its transcript file yet and the last CONTEXT_MESSAGES (the next turn is rendered after them)."""
+    message_count: int = 0
+    transcript: TranscriptRef = field(default_factory=lambda: TranscriptRef(messages=0, bytes=0))
+    """What the transcript file on disk holds (see app.snapshots)."""
+    fed_prompt: str = ""
+    """The text the last turn fed before its reply."""
+    fed_reply: str = ""
+    """The last turn's raw reply, end-of-turn token included."""
     pending_ids: list[int] = field(default_factory=list)
     cache: Any = None
     """The transformers Cache from h2o_cache.make_cache, built by the worker on the first forward."""
@@ -69,38 +77,59 @@ class Session:
     def reset_cache(self) -> None:
         """Forget the cache; the next turn re-prefills the whole history once (used after a failed forward)."""
         self.cache = self.saved_cache = None
-        self.fed_text = ""
+        self.fed_prompt = self.fed_reply = ""
         self.pending_ids = []
         self.cache_tokens = self.cache_bytes = 0
 
-    def to_state(self) -> tuple[dict[str, Any], bytes]:
-        """Everything that makes a continuation identical, as JSON-able state plus a safetensors file's bytes
-        (worker thread, between steps: the bytes are a copy, so the cache may change right after)."""
+    def append(self, messages: list[Message]) -> None:
+        """A finished turn's messages (worker thread)."""
+        self.history.extend(messages)
+        self.message_count += len(messages)
+
+    @property
+    def unsaved(self) -> list[Message]:
+        """Messages not in the transcript file yet."""
+        return self.history[len(self.history) - (self.message_count - self.transcript.messages):]
+
+    def to_record(self) -> tuple[SessionRecord, bytes, bytes]:
+        """Everything that makes a continuation identical: the JSON state, a safetensors file's bytes and the
+        transcript lines of the messages not written yet; all bounded by a turn, not by the history (worker
+        thread, between steps: the bytes are a copy, so the cache may change right after)."""
         if self.cache is not None:
             tensors, cache_meta = cache_state(self.cache)
         elif self.saved_cache is not None:
             tensors, cache_meta = self.saved_cache
         else:
             tensors, cache_meta = {}, None
-        state = {
-            "id": self.id, "owner": self.owner, "policy": dataclasses.asdict(self.policy), "system": self.system,
-            "messages": self.messages, "fed_text": self.fed_text, "pending_ids": self.pending_ids,
-            "cache": cache_meta, "turns": self.turns, "cache_tokens": self.cache_tokens,
-            "cache_tokens_seen": self.cache_tokens_seen, "cache_bytes": self.cache_bytes,
-            "evicted_tokens": self.evicted_tokens, "created_at": self.created_at, "updated_at": self.updated_at,
-        }
-        return state, save_tensors(tensors) if tensors else b""
+        unsaved = self.unsaved
+        lines = encode_transcript(unsaved)
+        record = SessionRecord(
+            id=self.id, owner=self.owner, policy=self.policy, system=self.system,
+            history=self.history[-(len(unsaved) + CONTEXT_MESSAGES):], message_count=self.message_count,
+            transcript=TranscriptRef(messages=self.message_count, bytes=self.transcript.bytes + len(lines)),
+            fed_prompt=self.fed_prompt, fed_reply=self.fed_reply, pending_ids=self.pending_ids, cache=cache_meta,
+            turns=self.turns, cache_tokens=self.cache_tokens, cache_tokens_seen=self.cache_tokens_seen,
+            cache_bytes=self.cache_bytes, evicted_tokens=self.evicted_tokens, created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+        return record, save_tensors(tensors) if tensors else b"", lines
+
+    def saved(self, record: SessionRecord) -> None:
+        """`record` is on disk: its messages are in the transcript file, and memory keeps only the last few."""
+        self.transcript = record.transcript
+        self.history = self.history[-(CONTEXT_MESSAGES + self.message_count - record.transcript.messages):]
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> Session:
-        s = snapshot.state
+        r = snapshot.record
         return cls(
-            id=s["id"], policy=CachePolicy(**s["policy"]), system=s["system"], owner=s["owner"],
-            messages=s["messages"], fed_text=s["fed_text"], pending_ids=s["pending_ids"],
-            saved_cache=(snapshot.tensors, s["cache"]) if s["cache"] is not None else None,
-            turns=s["turns"], cache_tokens=s["cache_tokens"], cache_tokens_seen=s["cache_tokens_seen"],
-            cache_bytes=s["cache_bytes"], evicted_tokens=s["evicted_tokens"], created_at=s["created_at"],
-            updated_at=s["updated_at"], persisted=True,
+            id=r.id, policy=r.policy, system=r.system, owner=r.owner, history=list(r.history),
+            message_count=r.message_count, transcript=r.transcript, fed_prompt=r.fed_prompt, fed_reply=r.fed_reply,
+            pending_ids=list(r.pending_ids),
+            saved_cache=(snapshot.tensors, r.cache) if r.cache is not None else None,
+            turns=r.turns, cache_tokens=r.cache_tokens, cache_tokens_seen=r.cache_tokens_seen,
+            cache_bytes=r.cache_bytes, evicted_tokens=r.evicted_tokens, created_at=r.created_at,
+            updated_at=r.updated_at, persisted=True,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -109,9 +138,8 @@ class Session:
                 "busy": self.active is not None}
 
 
-def stored_summary(state: dict[str, Any]) -> dict[str, Any]:
-    return {**{name: state[name] for name in SUMMARY_FIELDS}, "policy": CachePolicy(**state["policy"]),
-            "busy": False}
+def stored_summary(record: SessionRecord) -> dict[str, Any]:
+    return {**{name: getattr(record, name) for name in SUMMARY_FIELDS}, "policy": record.policy, "busy": False}
 
 
 class SnapshotDeleteError(Exception):
@@ -152,8 +180,9 @@ class SessionStore:
         """Summaries of the sessions with a snapshot on disk (resident or not)."""
         self._signatures: dict[str, Signature] = {}
         """Of the snapshot files this store last wrote or read, by file stem (see `refresh`)."""
-        self._corrupt: dict[str, SnapshotCorruptError] = {}
-        """Snapshots found damaged, by file stem (their session id may be unreadable)."""
+        self._corrupt: dict[str, tuple[SnapshotCorruptError, str | None]] = {}
+        """Snapshots found damaged, by file stem (their session id may be unreadable), with their owner as the
+        owner marker says (UNKNOWN_OWNER if it has none)."""
         self._loading: dict[str, asyncio.Task] = {}
         self._disk_lock = threading.Lock()
         """Orders a turn's save against a DELETE of the same session (worker thread vs event loop)."""
@@ -170,14 +199,12 @@ class SessionStore:
         self._loop = loop
         if self._snapshots is None:
             return
-        for stem, found in self._snapshots.scan():
+        for stem, marker, found in self._snapshots.scan():
             self._signatures[stem] = self._snapshots.signature(stem)
             if isinstance(found, SnapshotCorruptError):
-                logger.error("session snapshot %s is corrupt and will not be loaded: %s", stem, found)
-                self._corrupt[stem] = found
-                self._count_corrupt()
+                self._damaged(stem, found, marker)
             else:
-                self._stored[found["id"]] = stored_summary(found)
+                self._stored[found.id] = stored_summary(found)
         logger.info("%d session snapshots found in %s (%d corrupt)", len(self._stored),
                     self._snapshots.directory, len(self._corrupt))
         self._writer.start()
@@ -204,6 +231,15 @@ class SessionStore:
         session = self._resident.get(session_id)
         return session.summary() if session is not None else self._stored.get(session_id)
 
+    def damaged_owner(self, session_id: str) -> str | None:
+        """The owner of a session whose snapshot is damaged (None: made without API keys; UNKNOWN_OWNER: nobody
+        can tell, so no key owns it); KeyError if its snapshot is not damaged."""
+        return self._corrupt[file_stem(session_id)][1]
+
+    def is_damaged(self, session_id: str) -> bool:
+        self.refresh(session_id)
+        return file_stem(session_id) in self._corrupt
+
     async def load(self, session_id: str) -> Session | None:
         """The session, read back from its snapshot if it is not in memory; None if there is none. Raises
         SnapshotCorruptError when its snapshot fails verification (every time, until it is deleted)."""
@@ -211,7 +247,7 @@ class SessionStore:
         while session_id not in self._resident:
             stem = file_stem(session_id)
             if stem in self._corrupt:
-                raise self._corrupt[stem]
+                raise self._corrupt[stem][0]
             if session_id not in self._stored:
                 return None
             task = self._loading.get(session_id)
@@ -239,18 +275,20 @@ class SessionStore:
         self._stored.pop(session_id, None)
         self._signatures.pop(stem, None)
         if signature is None:
+            if self._snapshots.quarantined(stem) and (marker := self._snapshots.owner(stem)) is not None:
+                self._corrupt[stem] = (SnapshotCorruptError(f"the snapshot of {session_id!r} was quarantined as "
+                                                            "damaged"), _owner(marker))
             return
-        self._signatures[stem] = signature
         try:
-            state = self._snapshots.read_state(session_id)
+            record = self._snapshots.read_record(session_id)
         except FileNotFoundError:  # deleted meanwhile
             return
         except SnapshotCorruptError as exc:
-            logger.error("snapshot of session %s is corrupt and will not be loaded: %s", session_id, exc)
-            self._corrupt[stem] = exc
-            self._count_corrupt()
+            self._damaged(stem, self._snapshots.set_aside(stem, exc), self._snapshots.owner(stem))
+            self._signatures[stem] = self._snapshots.signature(stem)
             return
-        self._stored[session_id] = stored_summary(state)
+        self._signatures[stem] = signature
+        self._stored[session_id] = stored_summary(record)
 
     async def _restore(self, session_id: str) -> None:
         signature = self._snapshots.signature(file_stem(session_id))  # before the read: at worst a reload later
@@ -260,11 +298,12 @@ class SessionStore:
             self._stored.pop(session_id, None)
             return
         except SnapshotCorruptError as exc:
-            logger.error("snapshot of session %s is corrupt and will not be loaded: %s", session_id, exc)
-            self._corrupt[file_stem(session_id)] = exc
+            stem = file_stem(session_id)
+            error = await asyncio.to_thread(self._snapshots.set_aside, stem, exc)
+            self._damaged(stem, error, self._snapshots.owner(stem))
+            self._signatures[stem] = self._snapshots.signature(stem)
             self._stored.pop(session_id, None)
-            self._count_corrupt()
-            raise
+            raise error from exc
         finally:
             self._loading.pop(session_id, None)
         if session_id in self._stored and session_id not in self._resident:
@@ -328,23 +367,31 @@ class SessionStore:
         if self._writer is None:
             then(None)
             return
-        state, tensor_bytes = session.to_state()
+        record, tensor_bytes, transcript = session.to_record()
         started = time.perf_counter()
 
         def done(error: Exception | None) -> None:
             if self._metrics is not None:
                 self._metrics.snapshot_write_seconds.observe(time.perf_counter() - started)
             signature = self._snapshots.signature(file_stem(session.id)) if error is None else None
-            self._loop.call_soon_threadsafe(self._saved, session, state, signature, error)
+            self._loop.call_soon_threadsafe(self._saved, session, record, signature, error)
             then(error)
 
         with self._disk_lock:
             if session.deleted:
                 then(None)
             else:
-                self._writer.save(state, tensor_bytes, done)
+                self._writer.save(record, tensor_bytes, transcript, done)
 
-    def _saved(self, session: Session, state: dict[str, Any], signature: Signature | None,
+    async def messages(self, session: Session) -> list[Message]:
+        """The whole conversation: the transcript file (read off the event loop) and what is not in it yet."""
+        unsaved = session.unsaved
+        if self._snapshots is None or not session.transcript.messages:
+            return list(unsaved)
+        saved = await asyncio.to_thread(self._snapshots.read_transcript, session.id, session.transcript)
+        return saved + unsaved
+
+    def _saved(self, session: Session, record: SessionRecord, signature: Signature | None,
                error: Exception | None) -> None:
         if error is not None:  # the turn is not acknowledged, so it is not kept: the next use reads what is on disk
             session.persisted = False
@@ -356,8 +403,9 @@ class SessionStore:
             return
         self.write_error = None
         session.persisted = True
+        session.saved(record)
         if not session.deleted:
-            self._stored[session.id] = stored_summary(state)
+            self._stored[session.id] = stored_summary(record)
             self._signatures[file_stem(session.id)] = signature
         self._evict()
 
@@ -421,6 +469,19 @@ class SessionStore:
                 del self._resident[session_id]
                 session.deleted = True
 
-    def _count_corrupt(self) -> None:
+    def _damaged(self, stem: str, error: SnapshotCorruptError, marker: str | None) -> None:
+        logger.error("session snapshot %s is damaged and will not be loaded: %s", stem, error)
+        self._corrupt[stem] = (error, _owner(marker))
         if self._metrics is not None:
             self._metrics.snapshot_errors.labels("corrupt").inc()
+
+
+UNKNOWN_OWNER = "unknown"
+"""The owner of a damaged snapshot without an owner marker: no API key hashes to it."""
+
+
+def _owner(marker: str | None) -> str | None:
+    """A session's owner from its owner marker's name."""
+    if marker is None:
+        return UNKNOWN_OWNER
+    return None if marker == ANYONE else marker

@@ -1,15 +1,24 @@
-"""Session snapshots on disk: one JSON file (the session's state) and one safetensors file (its cache tensors) per
-session, written atomically and verified by checksums when read. No pickle anywhere.
+"""Session snapshots on disk: per session, one JSON file (its state, bounded by a turn), one safetensors file (its
+cache tensors), an append-only transcript and an owner marker, written atomically and verified when read. No
+pickle anywhere.
 
 Layout of a snapshot directory, for a session whose id hashes to `<h>` (sha256 hex; ids never reach the
 filesystem, so no id can name a path):
 
     <h>.json                     {"sha256": <of the canonical body>, "body": {"format", "session", "tensors"}}
     <h>.<t>.safetensors          the cache tensors; <t> = the first 16 hex digits of their sha256
+    <h>.transcript.jsonl         every message, one checksummed JSON line each, appended turn by turn
+    <h>.<owner>.owner            empty; its name says which API key owns the id (`anyone` without keys)
+    quarantine/<h>.<time>/       the files of a snapshot found damaged, moved aside for the operator
 
-The JSON is the commit point. A new snapshot writes its tensor file under a new name first, then replaces the
-JSON (temp file + fsync + rename + fsync of the directory), then removes the older tensor file: a crash at any
-moment leaves the previous or the new snapshot whole.
+The JSON is the commit point. A save appends the turn's messages to the transcript (after cutting it back to the
+length the current JSON records, which drops what a crash may have half-appended), writes its tensor file under
+a new name, then replaces the JSON (temp file + fsync + rename + fsync of the directory), then removes the older
+tensor file: a crash at any moment leaves the previous or the new snapshot whole. What a turn writes is bounded by
+the turn, not by the history: the JSON holds the last few messages, the transcript grows by the new ones.
+
+The owner marker is written with a session's first snapshot and is removed only when the session is deleted: a
+snapshot that cannot be read still cannot be claimed or deleted by another key.
 
 Several replicas may share a directory (scale-out behind a session-affine router): each session is live on one
 replica at a time, the others learn of changes through `signature` (see app.sessions.SessionStore.refresh), and
@@ -25,6 +34,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import socket
 import threading
 import time
@@ -35,27 +45,77 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as load_tensors
+
+from h2o_cache import CachePolicy
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the transcript moved out of the JSON into `<h>.transcript.jsonl`; format 1 snapshots are read and upgraded
+by their next save."""
 LEFTOVER_AGE_S = 300.0
 """Temp files and unreferenced tensor files older than this are a crash's leftovers; younger ones may be a write
 in progress on another replica that shares the directory."""
+QUARANTINE = "quarantine"
+ANYONE = "anyone"
+"""The owner marker of a session made without API keys."""
 
 Signature = tuple[int, int, int]
 """(inode, mtime ns, size) of a snapshot's JSON: every save replaces the file, so a save changes it."""
+Message = dict[str, str]
 
 
 class SnapshotCorruptError(Exception):
-    """A snapshot failed verification (checksum, truncation, wrong session); it is reported, never loaded."""
+    """A snapshot failed verification (checksum, truncation, schema, wrong session); it is reported, never loaded,
+    and its files are quarantined."""
+
+
+class SnapshotUnsupportedError(SnapshotCorruptError):
+    """A snapshot in a format this server does not read (a newer version wrote it): reported, left in place."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TranscriptRef(Strict):
+    messages: int = Field(ge=0)
+    """Messages in the transcript file (the rest of the session's messages are in `history`)."""
+    bytes: int = Field(ge=0)
+    """Committed length of the transcript file; anything after it is a crash's half-append."""
+
+
+class SessionRecord(Strict):
+    """The schema of a session's JSON state (see app.sessions.Session.to_record): a snapshot that does not match
+    it is damaged."""
+
+    id: str
+    owner: str | None
+    policy: CachePolicy
+    system: str | None
+    history: list[Message]
+    """The session's last messages: those not in the transcript file yet, and the few before them that the next
+    turn is rendered after (app.chat.context)."""
+    message_count: int = Field(ge=0)
+    transcript: TranscriptRef
+    fed_prompt: str
+    fed_reply: str
+    pending_ids: list[int]
+    cache: dict[str, Any] | None
+    turns: int = Field(ge=0)
+    cache_tokens: int = Field(ge=0)
+    cache_tokens_seen: int = Field(ge=0)
+    cache_bytes: int = Field(ge=0)
+    evicted_tokens: int = Field(ge=0)
+    created_at: float
+    updated_at: float
 
 
 @dataclass
 class Snapshot:
-    state: dict[str, Any]
-    """The session's JSON state (see app.sessions.Session.to_state)."""
+    record: SessionRecord
     tensors: dict[str, torch.Tensor]
     """Cache tensors on the CPU (empty for a session without a cache)."""
 
@@ -64,8 +124,26 @@ def file_stem(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def _canonical(body: Any) -> bytes:
     return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_transcript(messages: list[Message]) -> bytes:
+    """Transcript lines: each message with a checksum of its own, so damage anywhere is found when it is read."""
+    return b"".join(_canonical({"message": m, "sha256": hashlib.sha256(_canonical(m)).hexdigest()[:16]}) + b"\n"
+                    for m in messages)
+
+
+def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """A format 1 state (whole transcript and fed text inline) as format 2: every message is unsaved history (the
+    next save writes the transcript), and the fed text is split into the last reply and what came before."""
+    state = dict(state)
+    messages, fed = state.pop("messages"), state.pop("fed_text")
+    reply = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
+    split = fed.rfind(reply) if reply else -1
+    state.update(history=messages, message_count=len(messages), transcript={"messages": 0, "bytes": 0},
+                 fed_prompt=fed[:split] if split >= 0 else fed, fed_reply=fed[split:] if split >= 0 else "")
+    return state
 
 
 class SnapshotStore:
@@ -75,16 +153,30 @@ class SnapshotStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, state: dict[str, Any], tensor_bytes: bytes) -> None:
-        """Atomically replace the snapshot of session `state["id"]`; `tensor_bytes` is a safetensors file's
-        content (b"" when the session has no cache)."""
-        stem = file_stem(state["id"])
+    def save(self, record: SessionRecord, tensor_bytes: bytes, transcript: bytes = b"") -> None:
+        """Atomically replace the snapshot of session `record.id`; `tensor_bytes` is a safetensors file's content
+        (b"" when the session has no cache), `transcript` the turn's new messages (see `encode_transcript`), which
+        `record.transcript` counts already."""
+        stem = file_stem(record.id)
+        first = not (self.directory / f"{stem}.json").exists()
+        try:
+            self._commit(stem, record, tensor_bytes, transcript)
+        except BaseException:
+            if first:  # nothing was acknowledged: the id is nobody's yet
+                for path in [*self.directory.glob(f"{stem}.*.owner"), self.directory / f"{stem}.transcript.jsonl"]:
+                    path.unlink(missing_ok=True)
+            raise
+
+    def _commit(self, stem: str, record: SessionRecord, tensor_bytes: bytes, transcript: bytes) -> None:
+        self._mark_owner(stem, record.owner)
+        self._append(self.directory / f"{stem}.transcript.jsonl", record.transcript.bytes - len(transcript),
+                     transcript)
         tensors = None
         if tensor_bytes:
             digest = hashlib.sha256(tensor_bytes).hexdigest()
             tensors = {"file": f"{stem}.{digest[:16]}.safetensors", "sha256": digest, "bytes": len(tensor_bytes)}
             self._write_atomic(self.directory / tensors["file"], tensor_bytes)
-        body = {"format": FORMAT_VERSION, "session": state, "tensors": tensors}
+        body = {"format": FORMAT_VERSION, "session": record.model_dump(mode="json"), "tensors": tensors}
         document = {"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}
         self._write_atomic(self.directory / f"{stem}.json", json.dumps(document, ensure_ascii=False).encode())
         self._fsync_directory()
@@ -102,63 +194,128 @@ class SnapshotStore:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def read_state(self, session_id: str) -> dict[str, Any]:
+    def owner(self, stem: str) -> str | None:
+        """The owner marker's name for file stem `stem` (ANYONE for a session made without keys); None if none."""
+        for path in self.directory.glob(f"{stem}.*.owner"):
+            return path.name.removeprefix(f"{stem}.").removesuffix(".owner")
+        return None
+
+    def read_record(self, session_id: str) -> SessionRecord:
         """The verified JSON state of `session_id` (tensors not read); errors as `load`."""
-        return self._read_session_body(session_id)["session"]
+        return self._read_session_body(session_id)[0]
 
     def load(self, session_id: str) -> Snapshot:
         """The verified snapshot of `session_id`; FileNotFoundError if there is none, SnapshotCorruptError if it
         fails verification."""
-        body = self._read_session_body(session_id)
+        record, ref = self._read_session_body(session_id)
         tensors: dict[str, torch.Tensor] = {}
-        ref = body["tensors"]
         if ref is not None:
-            if not re.fullmatch(rf"{file_stem(session_id)}\.[0-9a-f]{{16}}\.safetensors", str(ref.get("file"))):
-                raise SnapshotCorruptError(f"snapshot of {session_id!r} names tensor file {ref.get('file')!r}, not "
-                                           "one of its own in the snapshot directory")
+            if not isinstance(ref, dict) or not re.fullmatch(rf"{file_stem(session_id)}\.[0-9a-f]{{16}}\.safetensors",
+                                                             str(ref.get("file"))):
+                raise SnapshotCorruptError(f"snapshot of {session_id!r} names tensor file "
+                                           f"{ref.get('file') if isinstance(ref, dict) else ref!r}, not one of its "
+                                           "own in the snapshot directory")
             path = self.directory / ref["file"]
             try:
                 data = path.read_bytes()
             except FileNotFoundError as exc:
                 raise SnapshotCorruptError(f"snapshot tensor file {ref['file']} is missing") from exc
-            if len(data) != ref["bytes"] or hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            if len(data) != ref.get("bytes") or hashlib.sha256(data).hexdigest() != ref.get("sha256"):
                 raise SnapshotCorruptError(f"snapshot tensor file {ref['file']} fails its checksum "
-                                           f"({len(data)} bytes, {ref['bytes']} expected): truncated or damaged")
+                                           f"({len(data)} bytes, {ref.get('bytes')} expected): truncated or damaged")
             try:
                 tensors = load_tensors(data)
             except Exception as exc:  # checksum matched but the content is not safetensors: a bad writer
                 raise SnapshotCorruptError(f"snapshot tensor file {ref['file']} is unreadable: {exc}") from exc
-        return Snapshot(body["session"], tensors)
+        return Snapshot(record, tensors)
+
+    def read_transcript(self, session_id: str, ref: TranscriptRef) -> list[Message]:
+        """The first `ref.messages` messages of a session, verified line by line (SnapshotCorruptError if not)."""
+        if ref.messages == 0:
+            return []
+        name = f"{file_stem(session_id)}.transcript.jsonl"
+        try:
+            with open(self.directory / name, "rb") as f:
+                data = f.read(ref.bytes)
+        except FileNotFoundError as exc:
+            raise SnapshotCorruptError(f"transcript {name} is missing") from exc
+        lines = data.split(b"\n")
+        if len(data) != ref.bytes or lines[-1] != b"" or len(lines) - 1 != ref.messages:
+            raise SnapshotCorruptError(f"transcript {name} is truncated or damaged ({len(data)} bytes, "
+                                       f"{ref.bytes} expected)")
+        messages = []
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                entry = json.loads(line)
+                message = entry["message"]
+                valid = hashlib.sha256(_canonical(message)).hexdigest()[:16] == entry["sha256"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SnapshotCorruptError(f"transcript {name} line {number} is not a message") from exc
+            if not valid:
+                raise SnapshotCorruptError(f"transcript {name} line {number} fails its checksum: damaged")
+            messages.append(message)
+        return messages
 
     def delete(self, session_id: str) -> None:
-        """Remove a session's snapshot; the JSON first, so a crash midway leaves no half snapshot."""
+        """Remove a session's snapshot; the JSON first, so a crash midway leaves no half snapshot, and the owner
+        marker last, so the id stays its owner's until everything else is gone."""
         stem = file_stem(session_id)
         (self.directory / f"{stem}.json").unlink(missing_ok=True)
-        for path in self.directory.glob(f"{stem}.*.safetensors"):
+        for path in [*self.directory.glob(f"{stem}.*.safetensors"), self.directory / f"{stem}.transcript.jsonl",
+                     *self.directory.glob(f"{stem}.*.owner")]:
             path.unlink(missing_ok=True)
         self._fsync_directory()
 
-    def scan(self) -> Iterator[tuple[str, dict[str, Any] | SnapshotCorruptError]]:
-        """Every snapshot as (file stem, session state or the error that makes it unreadable). Only the JSON is
-        read (tensor files are verified when a session is loaded). Removes what a crash left behind: temp files
-        and tensor files no JSON refers to, once older than LEFTOVER_AGE_S."""
-        referenced = set()
+    def quarantine(self, stem: str) -> Path | None:
+        """Move a damaged snapshot's files (not its owner marker) aside into `quarantine/`, for an operator to
+        look at; the path they went to, or None if there was nothing to move."""
+        files = [p for p in [self.directory / f"{stem}.json", self.directory / f"{stem}.transcript.jsonl",
+                             *self.directory.glob(f"{stem}.*.safetensors")] if p.exists()]
+        if not files:
+            return None
+        target = self.directory / QUARANTINE / f"{stem}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.move(path, target / path.name)
+        self._fsync_directory()
+        return target
+
+    def quarantined(self, stem: str) -> bool:
+        return any((self.directory / QUARANTINE).glob(f"{stem}.*"))
+
+    def scan(self) -> Iterator[tuple[str, str | None, SessionRecord | SnapshotCorruptError]]:
+        """Every session on disk as (file stem, owner marker, its state or why it cannot be read). Only the JSON is
+        read (tensor files and transcripts are verified when used); a damaged JSON is quarantined. An owner marker
+        whose snapshot was quarantined still names a session (its owner can see the error and delete it). Removes
+        what a crash left behind once older than LEFTOVER_AGE_S: temp files, and tensor files, transcripts and
+        owner markers of no snapshot."""
+        live: set[str] = set()
+        kept_tensors: set[str] = set()
         for path in sorted(self.directory.glob("*.json")):
             stem = path.name.removesuffix(".json")
+            live.add(stem)
             try:
-                body = self._read_body(path)
-                if file_stem(str(body["session"].get("id"))) != stem:
-                    raise SnapshotCorruptError(f"{path.name} holds session {body['session'].get('id')!r}")
+                record, tensors = self._read_body(path)
+                if file_stem(record.id) != stem:
+                    raise SnapshotCorruptError(f"{path.name} holds session {record.id!r}")
             except SnapshotCorruptError as exc:
-                referenced.update(p.name for p in self.directory.glob(f"{stem}.*.safetensors"))
-                yield stem, exc
+                error = self.set_aside(stem, exc)
+                kept_tensors.update(p.name for p in self.directory.glob(f"{stem}.*.safetensors"))
+                yield stem, self.owner(stem), error
                 continue
-            if body["tensors"] is not None:
-                referenced.add(body["tensors"]["file"])
-            yield stem, body["session"]
+            if isinstance(tensors, dict):
+                kept_tensors.add(str(tensors.get("file")))
+            yield stem, self.owner(stem), record
+        for marker in self.directory.glob("*.owner"):
+            stem = marker.name.split(".", 1)[0]
+            if stem not in live and self.quarantined(stem):
+                live.add(stem)
+                yield stem, self.owner(stem), SnapshotCorruptError(f"snapshot {stem} was quarantined as damaged")
         horizon = time.time() - LEFTOVER_AGE_S
         leftovers = [*self.directory.glob(".*.tmp"),
-                     *(p for p in self.directory.glob("*.safetensors") if p.name not in referenced)]
+                     *(p for p in self.directory.glob("*.safetensors") if p.name not in kept_tensors),
+                     *(p for pattern in ("*.transcript.jsonl", "*.owner") for p in self.directory.glob(pattern)
+                       if p.name.split(".", 1)[0] not in live)]
         for path in leftovers:
             try:
                 if path.stat().st_mtime < horizon:
@@ -166,14 +323,30 @@ class SnapshotStore:
             except FileNotFoundError:
                 pass
 
-    def _read_session_body(self, session_id: str) -> dict[str, Any]:
-        stem = file_stem(session_id)
-        body = self._read_body(self.directory / f"{stem}.json")
-        if body["session"].get("id") != session_id:
-            raise SnapshotCorruptError(f"snapshot {stem}.json belongs to session {body['session'].get('id')!r}")
-        return body
+    def set_aside(self, stem: str, error: SnapshotCorruptError) -> SnapshotCorruptError:
+        """Quarantine a snapshot found damaged (one in another format stays where it is); the error to report,
+        saying where its files went."""
+        if isinstance(error, SnapshotUnsupportedError):
+            return error
+        try:
+            target = self.quarantine(stem)
+        except OSError as exc:
+            logger.error("could not quarantine damaged snapshot %s: %s", stem, exc)
+            return error
+        if target is None:
+            return error
+        logger.error("snapshot %s is damaged (%s); its files were moved to %s", stem, error, target)
+        return SnapshotCorruptError(f"{error}; its files were moved to {target.relative_to(self.directory)}")
 
-    def _read_body(self, path: Path) -> dict[str, Any]:
+    def _read_session_body(self, session_id: str) -> tuple[SessionRecord, Any]:
+        stem = file_stem(session_id)
+        record, tensors = self._read_body(self.directory / f"{stem}.json")
+        if record.id != session_id:
+            raise SnapshotCorruptError(f"snapshot {stem}.json belongs to session {record.id!r}")
+        return record, tensors
+
+    def _read_body(self, path: Path) -> tuple[SessionRecord, Any]:
+        """The verified session record and tensor reference of a snapshot JSON."""
         raw = path.read_bytes()  # FileNotFoundError: no snapshot
         try:
             document = json.loads(raw)
@@ -184,10 +357,55 @@ class SnapshotStore:
                                        f"({len(raw)} bytes): truncated or damaged") from exc
         if not valid:
             raise SnapshotCorruptError(f"snapshot {path.name} fails its checksum: damaged")
-        if body.get("format") != FORMAT_VERSION:
-            raise SnapshotCorruptError(f"snapshot {path.name} has format {body.get('format')!r}, "
-                                       f"this server reads {FORMAT_VERSION}")
-        return body
+        if not isinstance(body, dict) or body.get("format") not in (1, FORMAT_VERSION):
+            raise SnapshotUnsupportedError(f"snapshot {path.name} has format "
+                                           f"{body.get('format') if isinstance(body, dict) else None!r}, this server "
+                                           f"reads 1 and {FORMAT_VERSION}: a newer version wrote it")
+        try:
+            state = body["session"]
+            if body["format"] == 1:
+                state = _upgrade_v1(state)
+            return SessionRecord.model_validate(state), body["tensors"]
+        except (ValidationError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            detail = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'session'}: {e['msg']}" for e in exc.errors()[:3])
+            raise SnapshotCorruptError(f"snapshot {path.name} does not match the format {body['format']} schema "
+                                       f"({detail})") from exc
+
+    def _mark_owner(self, stem: str, owner: str | None) -> None:
+        """Write the owner marker (the API checks ownership before a session is created or used, so another
+        owner's marker here is a leftover of a first save that was never committed)."""
+        name = f"{stem}.{owner or ANYONE}.owner"
+        if (self.directory / name).exists():
+            return
+        for stale in self.directory.glob(f"{stem}.*.owner"):
+            stale.unlink(missing_ok=True)
+        (self.directory / name).touch()
+
+    def _append(self, path: Path, committed: int, data: bytes) -> None:
+        """Cut the transcript back to its `committed` length (dropping a crash's half-append), then append `data`
+        durably; on failure cut it back again, so a full disk gets its space back."""
+        if not data and not committed and not path.exists():
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size < committed:
+                raise SnapshotCorruptError(f"transcript {path.name} has {size} bytes, its snapshot {committed}")
+            if size == committed and not data:
+                return
+            os.ftruncate(fd, committed)
+            try:
+                os.lseek(fd, committed, os.SEEK_SET)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, committed)
+                raise
+        finally:
+            os.close(fd)
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
@@ -222,14 +440,14 @@ class SnapshotWriter:
         self._thread = threading.Thread(target=self._run, name="h2o-snapshots", daemon=True)
         self._thread.start()
 
-    def save(self, state: dict[str, Any], tensor_bytes: bytes,
+    def save(self, record: SessionRecord, tensor_bytes: bytes, transcript: bytes,
              done: Callable[[Exception | None], None]) -> None:
         """Queue a save; `done(error)` is called on the writer thread once it is durable (or failed)."""
         def job() -> None:
             try:
-                self._store.save(state, tensor_bytes)
+                self._store.save(record, tensor_bytes, transcript)
             except Exception as exc:
-                logger.exception("could not write the snapshot of session %s", state["id"])
+                logger.exception("could not write the snapshot of session %s", record.id)
                 done(exc)
             else:
                 done(None)

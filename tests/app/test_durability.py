@@ -7,7 +7,9 @@ import os
 
 import pytest
 
+from app.sessions import Session
 from app.snapshots import SnapshotStore
+from h2o_cache import CachePolicy
 from tests.app.conftest import generate, scrape, sse_events
 
 GREEDY = {"temperature": 0, "max_new_tokens": 4}
@@ -17,7 +19,7 @@ def test_a_turn_that_cannot_be_saved_is_an_error_and_is_not_kept(serve, tmp_path
     server = serve(snapshot_dir=str(tmp_path))
     real_save = SnapshotStore.save
 
-    def full_disk(self, state, tensor_bytes):
+    def full_disk(self, *args):
         raise OSError(28, "No space left on device")
 
     with server.client() as client:
@@ -54,7 +56,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space"):
-        store.save({"id": "s", "turns": 1}, b"tensors")
+        store.save(Session(id="s", policy=CachePolicy()).to_record()[0], b"tensors")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from app.api import key_id
 from app.snapshots import file_stem
 from tests.app.conftest import generate, scrape
 from tests.reliability.conftest import KEY_A, KEY_B
@@ -21,7 +22,8 @@ N_SESSIONS = 1000
 ONE_TOKEN = {"message": "hi", "stream": False, "temperature": 0, "max_new_tokens": 1}
 FILLING = {**ONE_TOKEN, "message": "the tide came in " * 80}
 """A first turn of ~330 tokens: six pages of cache (pages hold only what a session uses)."""
-SNAPSHOT_NAME = re.compile(r"[0-9a-f]{64}(\.json|\.[0-9a-f]{16}\.safetensors)")
+SNAPSHOT_NAME = re.compile(r"[0-9a-f]{64}(\.json|\.[0-9a-f]{16}\.safetensors|\.transcript\.jsonl"
+                           r"|\.([0-9a-f]{32}|anyone)\.owner)")
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +105,10 @@ def test_two_keys_are_isolated(server, snapshot_dir):
         assert a.get("/sessions/private").json()["turns"] == 1
         assert "theirs" not in {s["id"] for s in a.get("/sessions").json()["sessions"]}
         files = [p for sid in ("private", "theirs") for p in snapshot_dir.glob(f"{file_stem(sid)}.*")]
-        assert sorted(p.suffix for p in files) == [".json", ".json", ".safetensors", ".safetensors"]
-        assert not any(key.encode() in p.read_bytes() for p in files for key in (KEY_A, KEY_B))  # owners hashed
+        assert sorted(p.suffix for p in files) == [".json", ".json", ".jsonl", ".jsonl", ".owner", ".owner",
+                                                   ".safetensors", ".safetensors"]
+        assert not any(key.encode() in p.read_bytes() or key in p.name for p in files for key in (KEY_A, KEY_B))
+        assert (snapshot_dir / f"{file_stem('private')}.{key_id(KEY_A)}.owner").exists()  # owners hashed
         assert a.delete("/sessions/private").status_code == 204
 
 
