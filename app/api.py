@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +29,8 @@ from app.engine import (
     QueueFullError,
     SessionBusyError,
 )
+from app.chat import Message
+from app.conversations import conversation_key
 from app.metrics import Metrics
 from app.protocol import (
     MAX_KV_DTYPE_CHARS,
@@ -43,6 +45,7 @@ from app.protocol import (
     SessionList,
     TokenEvent,
     TurnResult,
+    Usage,
     valid_session_id,
 )
 from app.sampling import SamplingParams
@@ -88,6 +91,7 @@ class ServerState:
     draining: bool = False
     """Set on SIGTERM: new turns get 503 while the running ones finish."""
     loop: asyncio.AbstractEventLoop | None = None
+    started_at: float = field(default_factory=time.time)
 
     def begin_drain(self) -> None:
         """Refuse new turns now; cancel those still running after `shutdown_grace_s` (thread- and signal-safe)."""
@@ -191,6 +195,24 @@ async def metrics(state: State) -> Response:
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
+@protected.get("/v1/models")
+def list_models(state: State) -> dict:
+    """OpenAI's model list: the one model this server holds (front-ends call it on connect)."""
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@protected.get("/v1/models/{model_id:path}")
+def get_model(model_id: str, state: State) -> dict:
+    card = _model_card(state)
+    if model_id != card["id"]:
+        raise ApiError(404, f"no model {model_id!r}; this server holds {card['id']!r}", "model_not_found")
+    return card
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.settings.model, "object": "model", "created": int(state.started_at), "owned_by": "h2o-serve"}
+
+
 @public.get("/", include_in_schema=False)
 def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html")
@@ -232,8 +254,8 @@ async def delete_session(session_id: SessionId, state: State, owner: Owner) -> R
 @protected.post("/sessions/{session_id}/generate", response_model=None)
 async def generate(session_id: SessionId, body: GenerateRequest, request: Request, state: State,
                    owner: Owner) -> Response | TurnResult:
-    generation = await _start_turn(state, owner, session_id, body.message, body.system, body.policy, body.kv_dtype,
-                                   body, body.stop)
+    generation = await _start_turn(state, owner, session_id, [{"role": "user", "content": body.message}],
+                                   body.system, body.policy, body.kv_dtype, body, body.stop)
     if not body.stream:
         return await _collect(generation, request)
     return _event_stream(state, _native_events(generation))
@@ -245,43 +267,72 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                            x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
                            x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None
                            ) -> Response | dict:
-    """OpenAI's chat API. The session comes from `X-Session-Id` (or `user`); the server keeps its history, so
-    only the last message (a user message) is new; a leading system message counts on the first turn only. A new
-    session's policy and KV storage come from `X-H2O-Policy` and `X-H2O-KV-Dtype`."""
-    session_id = x_session_id or body.user
-    if session_id is None or not valid_session_id(session_id):
-        raise ApiError(422, "send the session id in the X-Session-Id header or the `user` field "
-                       f"({SESSION_ID_RULE})", "invalid_session_id", "invalid")
+    """OpenAI's chat API. Without `X-Session-Id` the sent conversation is the truth: a request whose history (all
+    but its last message) is a stored conversation of the same key continues that session, feeding only the new
+    turn; any other (a new chat, a regenerate, an edit) is prefilled into a new session (see app.conversations).
+    With `X-Session-Id` the server keeps the history: only the last message is new, and a leading system message
+    counts on the first turn only. A new session's policy and KV storage come from `X-H2O-Policy` and
+    `X-H2O-KV-Dtype`."""
     if body.messages[-1].role != "user" or not body.messages[-1].content:
         raise ApiError(422, "the last message must be the user's new message, not empty", "invalid_request",
                        "invalid")
-    system = body.messages[0].content if body.messages[0].role in ("system", "developer") else None
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    if x_session_id is not None:
+        if not valid_session_id(x_session_id):
+            raise ApiError(422, f"invalid X-Session-Id ({SESSION_ID_RULE})", "invalid_session_id", "invalid")
+        session_id, turn = x_session_id, messages[-1:]
+    else:
+        session_id, turn, system = _continued_conversation(state, owner, messages, system)
     sampling = body.model_copy(update={"max_new_tokens": body.max_completion_tokens or body.max_tokens})
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    generation = await _start_turn(state, owner, session_id, body.messages[-1].content, system, x_h2o_policy,
-                                   x_h2o_kv_dtype, sampling, stop)
+    generation = await _start_turn(state, owner, session_id, turn, system, x_h2o_policy, x_h2o_kv_dtype, sampling,
+                                   stop)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return _event_stream(state, _openai_chunks(generation, completion_id, created, body.model))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return _event_stream(state, _openai_chunks(generation, completion_id, created, body.model, include_usage))
     result = await _collect(generation, request)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": _openai_finish(result.finish_reason)}],
-        "usage": {**result.usage.model_dump(),
-                  "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens},
+        "usage": _openai_usage(result.usage),
     }
 
 
-async def _start_turn(state: ServerState, owner: str | None, session_id: str, message: str, system: str | None,
-                      policy: str | None, kv_dtype: str | None, sampling: SamplingFields,
+def _continued_conversation(state: ServerState, owner: str | None, messages: list[Message],
+                            system: str | None) -> tuple[str, list[Message], str | None]:
+    """(session id, the turn's messages, system prompt) of a stateless request: the stored session whose
+    conversation the request's history is and its new message, else a new session and every message."""
+    history = messages[:-1]
+    started = any(m["role"] != "system" for m in history)
+    found = state.sessions.find_conversation(conversation_key(owner, history)) if started else None
+    outcome = "hit" if found else "rebuild" if started else "miss"
+    state.metrics.conversation_reuse.labels(outcome).inc()
+    if found:
+        return found, messages[-1:], None
+    return f"chat-{uuid.uuid4().hex}", messages, system
+
+
+def _openai_usage(usage: Usage) -> dict:
+    """OpenAI counts the whole conversation as the prompt; what the session's cache held already is cached."""
+    prompt = usage.cached_tokens + usage.prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": usage.completion_tokens,
+            "total_tokens": prompt + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+async def _start_turn(state: ServerState, owner: str | None, session_id: str, turn: list[Message],
+                      system: str | None, policy: str | None, kv_dtype: str | None, sampling: SamplingFields,
                       stop: list[str]) -> Generation:
-    """Validate a turn against the server's limits and the session, create the session on first use (or load it
-    from its snapshot), and submit the turn. Any error leaves the store and the session as they were."""
+    """Validate a turn (`turn`: its messages, the new user message last) against the server's limits and the
+    session, create the session on first use (or load it from its snapshot), and submit the turn. Any error
+    leaves the store and the session as they were."""
     settings = state.settings
     if state.draining:
         raise _retry_later(state, 503, "the server is shutting down", "shutting_down")
-    for name, text in (("message", message), ("system prompt", system or "")):
+    for name, text in [*((f"{m['role']} message", m["content"]) for m in turn), ("system prompt", system or "")]:
         if len(text) > settings.max_message_chars:
             raise ApiError(413, f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}",
                            "message_too_large", "invalid")
@@ -324,7 +375,9 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, me
     try:
         if created:
             state.sessions.add(session)
-        generation = state.engine.submit(session, message, params)
+        if not session.message_count and session.system is not None and turn[0]["role"] != "system":
+            turn = [{"role": "system", "content": session.system}, *turn]
+        generation = state.engine.submit(session, turn, params)
     except SessionLimitError as exc:
         raise _retry_later(state, 429, str(exc), "too_many_sessions") from exc
     except QueueFullError as exc:
@@ -400,13 +453,16 @@ async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEven
         generation.cancel()  # no-op once finished; a disconnected client stops the generation here
 
 
-async def _openai_chunks(generation: Generation, completion_id: str, created: int,
-                         model: str) -> AsyncIterator[ServerSentEvent]:
-    def chunk(delta: dict, finish_reason: str | None = None) -> ServerSentEvent:
-        return ServerSentEvent(json.dumps({
-            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        }))
+async def _openai_chunks(generation: Generation, completion_id: str, created: int, model: str,
+                         include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    """OpenAI's chunks; with `stream_options.include_usage` every chunk has `usage: null` and a last chunk without
+    choices carries the usage."""
+    def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> ServerSentEvent:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        if include_usage:
+            body["usage"] = usage
+        return ServerSentEvent(json.dumps(body))
 
     yield chunk({"role": "assistant", "content": ""})
     try:
@@ -416,6 +472,8 @@ async def _openai_chunks(generation: Generation, completion_id: str, created: in
                     yield chunk({"content": event.text})
             else:
                 yield chunk({}, _openai_finish(event.finish_reason))
+                if include_usage:
+                    yield chunk(None, usage=_openai_usage(event.usage))
         yield ServerSentEvent("[DONE]")
     except GenerationError as exc:
         yield ServerSentEvent(json.dumps(_error_body(str(exc), exc.type, exc.status)))

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.batching import Batcher
 from app.chat import Message, context, turn_delta
+from app.conversations import extend_key, root_key
 from app.memory import release_freed_memory
 from app.metrics import Metrics
 from app.protocol import TokenEvent, TurnResult, Usage
@@ -62,6 +63,8 @@ class Generation:
     def __init__(self, session: Session, new_messages: list[Message], prompt_text: str, prompt_ids: list[int],
                  params: SamplingParams, decoder: TextStream, loop: asyncio.AbstractEventLoop) -> None:
         self.session = session
+        self.cached_tokens = session.cache_tokens_seen
+        """Tokens of the conversation the session's cache had seen before this turn (not fed again)."""
         self.new_messages = new_messages
         self.prompt_text = prompt_text
         self.prompt_ids = prompt_ids
@@ -173,16 +176,15 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def submit(self, session: Session, message: str, params: SamplingParams) -> Generation:
-        """Queue the next turn of `session` (event loop only). The turn is tokenized here so bad input fails
-        before any response starts; the session changes only when the worker finishes the turn."""
+    def submit(self, session: Session, new_messages: list[Message], params: SamplingParams) -> Generation:
+        """Queue the next turn of `session` (event loop only): `new_messages` are the turn's messages (a user
+        message, after the system message on a session's first turn, or a whole conversation to rebuild). The
+        turn is tokenized here so bad input fails before any response starts; the session changes only when the
+        worker finishes the turn."""
         if not self.ready:
             raise EngineNotReadyError(self.load_error or "the model is loading")
         if session.active is not None:
             raise SessionBusyError(f"session {session.id!r} is generating; wait for the reply or cancel it")
-        new_messages = [{"role": "user", "content": message}]
-        if not session.message_count and session.system is not None:
-            new_messages.insert(0, {"role": "system", "content": session.system})
         delta = turn_delta(self.tokenizer, context(session.system, session.history), new_messages,
                            session.fed_prompt, session.fed_reply)
         ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=False).input_ids
@@ -331,6 +333,8 @@ class Engine:
             content_ids = g.output_ids[:-1] if ends_with_eos else g.output_ids
             s.append([*g.new_messages, {"role": "assistant", "content": self._raw(content_ids)}])
             s.fed_prompt, s.fed_reply = g.prompt_text, self._raw(g.output_ids)
+            s.conversation_key = extend_key(s.conversation_key or root_key(s.owner),
+                                            [*g.new_messages, {"role": "assistant", "content": g.decoder.output}])
             s.pending_ids = g.prompt_ids[g.n_fed :] + g.output_ids[-1:]
             s.turns += 1
             s.updated_at = time.time()
@@ -346,7 +350,8 @@ class Engine:
         if n_out > 1:
             m.tpot.observe(tpot_s)
         result = TurnResult(
-            finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out),
+            finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out,
+                                              cached_tokens=g.cached_tokens),
             cache_tokens=s.cache_tokens, cache_tokens_seen=s.cache_tokens_seen, cache_budget=s.policy.max_tokens,
             ttft_s=ttft_s, tpot_s=tpot_s, text=g.decoder.output,
         )

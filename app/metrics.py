@@ -52,6 +52,13 @@ class Metrics:
         self.sessions_expired = Counter("h2o_sessions_expired", "Sessions deleted after their idle TTL", registry=r)
         self.snapshot_write_seconds = Histogram("h2o_snapshot_write_seconds", "Time to write one session snapshot "
                                                 "durably", buckets=SNAPSHOT_BUCKETS_S, registry=r)
+        self.conversation_reuse = Counter(
+            "h2o_conversation_reuse", "Stateless OpenAI requests by how their conversation was found: hit (a stored "
+            "session continued, only the new turn fed), miss (a new conversation), rebuild (a history no session "
+            "holds as it is now: a regenerate, an edit, another replica's chat; prefilled into a new session)",
+            ["outcome"], registry=r)
+        for outcome in ("hit", "miss", "rebuild"):
+            self.conversation_reuse.labels(outcome)
         self.snapshot_errors = Counter("h2o_snapshot_errors", "Snapshots that failed to write or to verify",
                                        ["kind"], registry=r)
         for kind in ("write", "corrupt"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 SESSION_ID_RULE = "[A-Za-z0-9_.-]{1,128}, not . or .."
@@ -74,8 +74,10 @@ class GenerateRequest(SamplingFields):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="prompt tokens fed in this turn (the new turn's delta)")
     completion_tokens: int
+    cached_tokens: int = Field(0, description="tokens of the conversation the session's cache had seen before this "
+                               "turn, not fed again")
 
 
 class TurnResult(BaseModel):
@@ -121,7 +123,10 @@ class SessionList(BaseModel):
 
 
 def _join_text_parts(content: object) -> object:
-    """OpenAI's content may be a list of parts; text parts are joined, anything else (images, audio) refused."""
+    """OpenAI's content may be a list of parts; text parts are joined, anything else (images, audio) refused. An
+    assistant message that only called tools has none (null)."""
+    if content is None:
+        return ""
     if not isinstance(content, list):
         return content
     if len(content) > MAX_CONTENT_PARTS:
@@ -133,7 +138,7 @@ def _join_text_parts(content: object) -> object:
 
 
 class ChatMessage(BaseModel):
-    """Other fields (tool_calls, tool_call_id ...) are ignored."""
+    """Other fields (tool_calls, tool_call_id ...) are ignored: a history may hold them, the model sees the text."""
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Annotated[str, BeforeValidator(_join_text_parts)] = Field(
@@ -141,11 +146,39 @@ class ChatMessage(BaseModel):
     name: str | None = Field(None, max_length=MAX_NAME_CHARS, description="ignored")
 
 
+UNSUPPORTED_OPENAI_FIELDS: dict[str, object] = {
+    "tools": [], "functions": [], "tool_choice": "none", "function_call": "none", "logit_bias": {},
+    "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0, "audio": None,
+    "prediction": None, "web_search_options": None,
+}
+"""OpenAI request fields this server does not implement, with the value that asks for nothing (accepted)."""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"] = Field(description="json_object and json_schema (constrained decoding) are not supported")
+
+
 class ChatCompletionRequest(SamplingFields):
-    """OpenAI's chat request. The server keeps each session's history, so only the last user message (and a
-    first-turn system message) is used; earlier messages the client resends are ignored."""
+    """OpenAI's chat request (see app.api.chat_completions for how the messages are used). `null` is accepted for
+    every field OpenAI types as nullable (the default applies); a field this server does not implement, asking for
+    something, is a 422 naming it; other unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_unsupported(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        for name, neutral in UNSUPPORTED_OPENAI_FIELDS.items():
+            if data.get(name) not in (None, neutral):
+                raise ValueError(f"`{name}` is not supported by this server")
+        return {name: value for name, value in data.items() if value is not None}
 
     model: str = Field("h2o-serve", max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
@@ -154,5 +187,8 @@ class ChatCompletionRequest(SamplingFields):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
-    n: Literal[1] = 1
-    user: str | None = Field(None, max_length=MAX_USER_CHARS)
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    n: Literal[1] = Field(1, description="one choice per request")
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="OpenAI's end-user id; ignored (it does "
+                             "not name a session)")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("id", "owner", "turns", "cache_tokens", "cache_tokens_seen", "cache_bytes", "evicted_tokens",
-                  "created_at", "updated_at")
+                  "created_at", "updated_at", "conversation_key")
 
 
 @dataclass
@@ -56,6 +56,8 @@ class Session:
     """The text the last turn fed before its reply."""
     fed_reply: str = ""
     """The last turn's raw reply, end-of-turn token included."""
+    conversation_key: str | None = None
+    """The key of the conversation as its client saw it (app.conversations), None before the first turn."""
     pending_ids: list[int] = field(default_factory=list)
     cache: Any = None
     """The transformers Cache from h2o_cache.make_cache, built by the worker on the first forward."""
@@ -107,7 +109,8 @@ class Session:
             id=self.id, owner=self.owner, policy=self.policy, system=self.system,
             history=self.history[-(len(unsaved) + CONTEXT_MESSAGES):], message_count=self.message_count,
             transcript=TranscriptRef(messages=self.message_count, bytes=self.transcript.bytes + len(lines)),
-            fed_prompt=self.fed_prompt, fed_reply=self.fed_reply, pending_ids=self.pending_ids, cache=cache_meta,
+            fed_prompt=self.fed_prompt, fed_reply=self.fed_reply, conversation_key=self.conversation_key,
+            pending_ids=self.pending_ids, cache=cache_meta,
             turns=self.turns, cache_tokens=self.cache_tokens, cache_tokens_seen=self.cache_tokens_seen,
             cache_bytes=self.cache_bytes, evicted_tokens=self.evicted_tokens, created_at=self.created_at,
             updated_at=self.updated_at,
@@ -125,6 +128,7 @@ class Session:
         return cls(
             id=r.id, policy=r.policy, system=r.system, owner=r.owner, history=list(r.history),
             message_count=r.message_count, transcript=r.transcript, fed_prompt=r.fed_prompt, fed_reply=r.fed_reply,
+            conversation_key=r.conversation_key,
             pending_ids=list(r.pending_ids),
             saved_cache=(snapshot.tensors, r.cache) if r.cache is not None else None,
             turns=r.turns, cache_tokens=r.cache_tokens, cache_tokens_seen=r.cache_tokens_seen,
@@ -224,6 +228,16 @@ class SessionStore:
     def exists(self, session_id: str) -> bool:
         self.refresh(session_id)
         return session_id in self._resident or session_id in self._stored or file_stem(session_id) in self._corrupt
+
+    def find_conversation(self, key: str) -> str | None:
+        """The id of an idle session whose conversation has `key` (app.conversations; a key holds its owner)."""
+        for session in self._resident.values():
+            if session.conversation_key == key and session.active is None and not session.deleted:
+                return session.id
+        for session_id, summary in self._stored.items():
+            if summary["conversation_key"] == key and session_id not in self._resident:
+                return session_id
+        return None
 
     def summary(self, session_id: str) -> dict[str, Any] | None:
         """Listing fields of a session without loading it; None if unknown or corrupt."""

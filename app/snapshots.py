@@ -102,6 +102,8 @@ class SessionRecord(Strict):
     transcript: TranscriptRef
     fed_prompt: str
     fed_reply: str
+    conversation_key: str | None = None
+    """See app.conversations."""
     pending_ids: list[int]
     cache: dict[str, Any] | None
     turns: int = Field(ge=0)

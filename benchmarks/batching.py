@@ -49,7 +49,7 @@ def start_engine(model, **settings) -> Engine:
 async def stream(engine: Engine, session: Session, message: str, new: int, seed: int) -> dict:
     params = SamplingParams(max_new_tokens=new, min_new_tokens=new, temperature=0.7, top_p=0.95, seed=seed)
     submitted = time.perf_counter()
-    generation = engine.submit(session, message, params)
+    generation = engine.submit(session, [{"role": "user", "content": message}], params)
     times = []
     async for event in generation:
         if hasattr(event, "token_id"):

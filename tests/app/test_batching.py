@@ -53,7 +53,7 @@ def converse(model, conversations: dict[str, list[str]], sampling: dict, max_new
         for i, message in enumerate(conversations[sid]):
             seed = sum(map(ord, sid)) + i
             params = SamplingParams(max_new_tokens=max_new[sid], seed=seed, **sampling)
-            generation = engine.submit(sessions[sid], message, params)
+            generation = engine.submit(sessions[sid], [{"role": "user", "content": message}], params)
             async for _ in generation:
                 pass
             turns.append(list(generation.output_ids))

@@ -189,7 +189,8 @@ def test_the_pool_gauge_follows_the_pool(tiny_model, monkeypatch):
     sessions = [Session(id=f"p{i}", policy=policy) for i in range(3)]
 
     async def turn(session: Session, n: int) -> None:
-        generation = engine.submit(session, "hello", SamplingParams(max_new_tokens=n, min_new_tokens=n))
+        generation = engine.submit(session, [{"role": "user", "content": "hello"}],
+                                   SamplingParams(max_new_tokens=n, min_new_tokens=n))
         async for _ in generation:
             pass
 
