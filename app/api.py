@@ -33,6 +33,7 @@ from app.chat import Message
 from app.conversations import conversation_key
 from app.metrics import Metrics
 from app.protocol import (
+    MAX_CLIENT_ID_CHARS,
     MAX_KV_DTYPE_CHARS,
     MAX_POLICY_CHARS,
     SESSION_ID_PATTERN,
@@ -147,12 +148,15 @@ State = Annotated[ServerState, Depends(get_state)]
 
 
 def require_api_key(state: State, authorization: Annotated[str | None, Header()] = None,
-                    x_api_key: Annotated[str | None, Header()] = None) -> str | None:
+                    x_api_key: Annotated[str | None, Header()] = None,
+                    x_h2o_client: Annotated[str | None, Header(max_length=MAX_CLIENT_ID_CHARS)] = None) -> str | None:
     """When API keys are configured, accept `Authorization: Bearer <key>` (what OpenAI clients send) or
-    `X-API-Key: <key>`, and return the caller's identity: a hash of the key (None without keys)."""
+    `X-API-Key: <key>`, and return the caller's identity: a hash of the key. Without keys the identity is a hash
+    of `X-H2O-Client` (a random id a browser keeps; None without one): it only decides whose sessions a listing
+    shows, as a server without keys trusts every caller."""
     keys = state.settings.api_keys
     if not keys:
-        return None
+        return key_id(f"client:{x_h2o_client}") if x_h2o_client else None
     supplied = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
     if not supplied or not any(secrets.compare_digest(supplied.encode(), key.encode()) for key in keys):
         raise ApiError(401, "missing or wrong API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
@@ -165,7 +169,7 @@ def key_id(key: str) -> str:
 
 
 Owner = Annotated[str | None, Depends(require_api_key)]
-"""The caller's key hash; sessions of other keys do not exist for it (404)."""
+"""The caller's key hash (sessions of other keys do not exist for it: 404), or without keys its client id's."""
 
 public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)])
@@ -220,9 +224,10 @@ def index() -> FileResponse:
 
 @protected.get("/sessions")
 async def list_sessions(state: State, owner: Owner) -> SessionList:
-    """The caller's sessions, in memory or on disk (on the event loop, as every use of the session store)."""
+    """The caller's sessions, in memory or on disk (on the event loop, as every use of the session store): its key's,
+    or without keys those made with its `X-H2O-Client` id (or with none, when it sends none)."""
     summaries = state.sessions.summaries()
-    return SessionList(sessions=[_info(s) for s in summaries if _owns(state, owner, s["owner"])])
+    return SessionList(sessions=[_info(s) for s in summaries if s["owner"] == owner])
 
 
 @protected.get("/sessions/{session_id}")

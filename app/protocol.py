@@ -25,6 +25,8 @@ MAX_STOP_CHARS = 256
 string, so the work per token grows with the square of their length."""
 MAX_POLICY_CHARS = 64
 """Characters in a policy name (`h2o_4_256_512_int8` has 18; a name is parsed, and echoed in errors)."""
+MAX_CLIENT_ID_CHARS = 64
+"""Characters in an `X-H2O-Client` id (the web chat sends a random UUID)."""
 MAX_KV_DTYPE_CHARS = 16
 """Characters in a kv_dtype (the names, h2o_cache.quant.KV_DTYPES, are far shorter)."""
 MAX_MODEL_CHARS = 256

@@ -382,3 +382,18 @@ def test_a_misspelled_or_empty_setting_refuses_to_start(tmp_path):
     assert Settings.unknown_variables({"H2O_POLICY": "full", "h2o_port": "1", "H2O_POLCY": "x", "HOME": "/",
                                        "H2O_MODEL_CACHE": "/tmp"}) == [
         "H2O_POLCY"]
+
+
+def test_without_keys_a_listing_shows_the_sessions_of_its_client_id(server):
+    with server.client() as http:
+        for client_id, session_id in (("browser-a", "page-a"), ("browser-b", "page-b")):
+            http.headers["X-H2O-Client"] = client_id
+            generate(http, session_id, "hi", max_new_tokens=1)
+        listed = {c: {s["id"] for s in http.get("/sessions", headers={"X-H2O-Client": c}).json()["sessions"]}
+                  for c in ("browser-a", "browser-b")}
+        del http.headers["X-H2O-Client"]
+        anonymous = {s["id"] for s in http.get("/sessions").json()["sessions"]}
+        assert listed == {"browser-a": {"page-a"}, "browser-b": {"page-b"}}
+        assert not anonymous & {"page-a", "page-b"}
+        assert http.get("/sessions/page-a").status_code == 200  # without keys every caller is trusted
+        assert http.get("/sessions", headers={"X-H2O-Client": "x" * 65}).status_code == 422
