@@ -40,6 +40,7 @@ from app.protocol import (
     SESSION_ID_RULE,
     ChatCompletionRequest,
     GenerateRequest,
+    Logprob,
     SamplingFields,
     SessionDetail,
     SessionInfo,
@@ -261,8 +262,13 @@ async def generate(session_id: SessionId, body: GenerateRequest, request: Reques
                    owner: Owner) -> Response | TurnResult:
     generation = await _start_turn(state, owner, session_id, [{"role": "user", "content": body.message}],
                                    body.system, body.policy, body.kv_dtype, body, body.stop)
+    request.state.generation = generation  # the request log (app.main.RequestLog) reads the turn's outcome
     if not body.stream:
-        return await _collect(generation, request)
+        result = await _collect(generation, request)
+        body = result.model_dump(mode="json", exclude={"logprobs"})
+        if result.logprobs is not None:
+            body["logprobs"] = [e.model_dump(mode="json", exclude_none=True) for e in result.logprobs]
+        return JSONResponse(body)
     return _event_stream(state, _native_events(generation))
 
 
@@ -293,6 +299,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     generation = await _start_turn(state, owner, session_id, turn, system, x_h2o_policy, x_h2o_kv_dtype, sampling,
                                    stop)
+    request.state.generation = generation
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -301,7 +308,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": _openai_finish(result.finish_reason)}],
+                     "finish_reason": _openai_finish(result.finish_reason),
+                     "logprobs": _openai_logprobs(result.logprobs)}],
         "usage": _openai_usage(result.usage),
     }
 
@@ -318,6 +326,18 @@ def _continued_conversation(state: ServerState, owner: str | None, messages: lis
     if found:
         return found, messages[-1:], None
     return f"chat-{uuid.uuid4().hex}", messages, system
+
+
+def _openai_logprobs(events: list[TokenEvent] | None) -> dict | None:
+    """OpenAI's `logprobs` of a choice or chunk: None unless the request asked."""
+    if not events or events[0].logprob is None:
+        return None
+
+    def entry(logprob: Logprob) -> dict:
+        return {"token": logprob.token, "logprob": logprob.logprob, "bytes": list(logprob.token.encode())}
+
+    return {"content": [{**entry(e.logprob), "top_logprobs": [entry(t) for t in e.top_logprobs or []]}
+                        for e in events]}
 
 
 def _openai_usage(usage: Usage) -> dict:
@@ -352,7 +372,8 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, tu
         raise ApiError(422, "stop strings must not be empty", "invalid_request", "invalid")
     params = SamplingParams(max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            seed=sampling.seed, stop=tuple(stop))
+                            seed=sampling.seed, stop=tuple(stop),
+                            top_logprobs=sampling.top_logprobs if sampling.logprobs else None)
     existing = await _load(state, session_id, owner)
     if existing is not None and existing.active is not None and existing.active.cancelled:
         with suppress(TimeoutError):
@@ -420,16 +441,19 @@ async def _collect(generation: Generation, request: Request) -> TurnResult:
     """Run a turn to its end for a non-streaming response; a client that disconnects meanwhile cancels it (the
     server learns of it only by polling: no response is being written that could fail)."""
     watcher = asyncio.create_task(_cancel_on_disconnect(generation, request))
-    last = None
+    tokens = []
     try:
         async for event in generation:  # token events, then the TurnResult
-            last = event
+            tokens.append(event)
     except GenerationError as exc:
         raise ApiError(exc.status, str(exc), exc.type) from exc
     finally:
         watcher.cancel()
         generation.cancel()  # no-op once finished; stops the worker if this handler was cancelled
-    return last
+    result = tokens.pop()
+    if generation.params.top_logprobs is not None:
+        result.logprobs = tokens
+    return result
 
 
 async def _cancel_on_disconnect(generation: Generation, request: Request) -> None:
@@ -449,9 +473,9 @@ async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEven
     try:
         async for event in generation:
             if isinstance(event, TokenEvent):
-                yield ServerSentEvent(event.model_dump_json(), event="token")
+                yield ServerSentEvent(event.model_dump_json(exclude_none=True), event="token")
             else:
-                yield ServerSentEvent(event.model_dump_json(exclude={"text"}), event="done")
+                yield ServerSentEvent(event.model_dump_json(exclude={"text", "logprobs"}), event="done")
     except GenerationError as exc:
         yield ServerSentEvent(json.dumps(_error_body(str(exc), exc.type, exc.status)), event="error")
     finally:
@@ -462,9 +486,11 @@ async def _openai_chunks(generation: Generation, completion_id: str, created: in
                          include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     """OpenAI's chunks; with `stream_options.include_usage` every chunk has `usage: null` and a last chunk without
     choices carries the usage."""
-    def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> ServerSentEvent:
+    def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None,
+              logprobs: dict | None = None) -> ServerSentEvent:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                "choices": [] if delta is None else [choice]}
         if include_usage:
             body["usage"] = usage
         return ServerSentEvent(json.dumps(body))
@@ -473,8 +499,8 @@ async def _openai_chunks(generation: Generation, completion_id: str, created: in
     try:
         async for event in generation:
             if isinstance(event, TokenEvent):
-                if event.text:
-                    yield chunk({"content": event.text})
+                if event.text or event.logprob is not None:
+                    yield chunk({"content": event.text}, logprobs=_openai_logprobs([event]))
             else:
                 yield chunk({}, _openai_finish(event.finish_reason))
                 if include_usage:

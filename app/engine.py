@@ -19,8 +19,8 @@ from app.chat import Message, context, turn_delta
 from app.conversations import extend_key, root_key
 from app.memory import release_freed_memory
 from app.metrics import Metrics
-from app.protocol import TokenEvent, TurnResult, Usage
-from app.sampling import SamplingParams, sample
+from app.protocol import Logprob, TokenEvent, TurnResult, Usage
+from app.sampling import SamplingParams, logprobs, sample
 from app.sessions import Session
 from app.settings import Settings
 from app.textstream import TextStream
@@ -81,6 +81,10 @@ class Generation:
         self.output_ids: list[int] = []
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.scheduled_at: float | None = None
+        """When the worker took it from the waiting queue (perf_counter)."""
+        self.outcome: TurnResult | GenerationError | None = None
+        """The last event, once the turn has ended (the request log reads it)."""
         self._loop = loop
 
     def cancel(self) -> None:
@@ -98,6 +102,7 @@ class Generation:
     def _close_on_loop(self, last: TurnResult | GenerationError) -> None:
         if self.session.active is self:
             self.session.active = None
+        self.outcome = last
         self.finished.set()
         self.events.put_nowait(last)
 
@@ -227,9 +232,15 @@ class Engine:
                     break
                 while self._waiting and len(active) < self._settings.max_running:
                     active.append(self._waiting.popleft())
+                    active[-1].scheduled_at = time.perf_counter()
+                    self._metrics.queue_time.observe(active[-1].scheduled_at - active[-1].submitted_at)
                 self._metrics.requests_waiting.set(len(self._waiting))
             self._metrics.requests_running.set(len(active))
+            stepped, sampled_before = active, sum(len(g.output_ids) for g in active)
             active = self._step_all(active)
+            sampled = sum(len(g.output_ids) for g in stepped) - sampled_before  # at most one token each
+            if sampled:
+                self._metrics.decode_batch_size.observe(sampled)
             self._metrics.requests_running.set(len(active))
             if not active and not self._waiting:  # idle: what turns freed goes back to the OS (RSS follows sessions)
                 release_freed_memory()
@@ -285,7 +296,9 @@ class Engine:
                 g.generator.manual_seed(g.params.seed)
         suppress = self._eos_ids if len(g.output_ids) < g.params.min_new_tokens else []
         token = sample(logits, g.params, g.generator, suppress)
-        g.last_token_at = time.perf_counter()
+        previous, g.last_token_at = g.last_token_at, time.perf_counter()
+        if previous is not None:
+            self._metrics.inter_token_latency.observe(g.last_token_at - previous)
         g.first_token_at = g.first_token_at or g.last_token_at
         g.output_ids.append(token)
         is_eos = token in self._eos_ids
@@ -298,8 +311,19 @@ class Engine:
         if reason is not None:
             text += g.decoder.flush()
         if text or not is_eos:
-            g.emit(TokenEvent(text=text, token_id=token))
+            g.emit(TokenEvent(text=text, token_id=token, **self._logprobs(logits, token, g.params.top_logprobs)))
         return reason
+
+    def _logprobs(self, logits: torch.Tensor, token: int, top: int | None) -> dict:
+        """A token event's `logprob` and `top_logprobs` fields (none unless the request asked)."""
+        if top is None:
+            return {}
+        sampled, alternatives = logprobs(logits, token, top)
+        ids = [token] + [i for i, _ in alternatives]
+        texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+        return {"logprob": Logprob(token_id=token, token=texts[0], logprob=sampled),
+                "top_logprobs": [Logprob(token_id=i, token=t, logprob=lp)
+                                 for (i, lp), t in zip(alternatives, texts[1:])] if top else None}
 
     def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""
@@ -349,6 +373,10 @@ class Engine:
             m.ttft.observe(ttft_s)
         if n_out > 1:
             m.tpot.observe(tpot_s)
+        m.e2e_latency.observe(time.perf_counter() - g.submitted_at)
+        if g.first_token_at and g.scheduled_at is not None:
+            m.prefill_time.observe(g.first_token_at - g.scheduled_at)
+            m.decode_time.observe(g.last_token_at - g.first_token_at)
         result = TurnResult(
             finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out,
                                               cached_tokens=g.cached_tokens),

@@ -25,6 +25,8 @@ MAX_STOP_CHARS = 256
 string, so the work per token grows with the square of their length."""
 MAX_POLICY_CHARS = 64
 """Characters in a policy name (`h2o_4_256_512_int8` has 18; a name is parsed, and echoed in errors)."""
+MAX_TOP_LOGPROBS = 20
+"""Alternatives per position `top_logprobs` may ask for (OpenAI's limit)."""
 MAX_CLIENT_ID_CHARS = 64
 """Characters in an `X-H2O-Client` id (the web chat sends a random UUID)."""
 MAX_KV_DTYPE_CHARS = 16
@@ -56,6 +58,16 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
+    logprobs: bool = Field(False, description="each token's log-probability under the model (before sampling "
+                           "settings)")
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="with `logprobs`: this many most likely "
+                              "tokens at each position, with theirs")
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> SamplingFields:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class GenerateRequest(SamplingFields):
@@ -93,11 +105,21 @@ class TurnResult(BaseModel):
     ttft_s: float
     tpot_s: float
     text: str | None = None
+    logprobs: list[TokenEvent] | None = Field(None, description="non-streaming, with `logprobs`: every token event")
+
+
+class Logprob(BaseModel):
+    token_id: int
+    token: str = Field(description="the token's own text")
+    logprob: float
 
 
 class TokenEvent(BaseModel):
-    text: str
+    text: str = Field(description="text this token adds to the reply (held back while it may start a stop string "
+                      "or ends inside a character)")
     token_id: int
+    logprob: Logprob | None = Field(None, description="with `logprobs`: the sampled token's")
+    top_logprobs: list[Logprob] | None = Field(None, description="with `top_logprobs`: the most likely tokens")
 
 
 class SessionInfo(BaseModel):
@@ -150,7 +172,7 @@ class ChatMessage(BaseModel):
 
 UNSUPPORTED_OPENAI_FIELDS: dict[str, object] = {
     "tools": [], "functions": [], "tool_choice": "none", "function_call": "none", "logit_bias": {},
-    "logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0, "audio": None,
+    "presence_penalty": 0, "frequency_penalty": 0, "audio": None,
     "prediction": None, "web_search_options": None,
 }
 """OpenAI request fields this server does not implement, with the value that asks for nothing (accepted)."""

@@ -27,6 +27,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None
+    """None: no log-probabilities; n: the sampled token's and the n most likely tokens' (see `logprobs`)."""
 
 
 def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -56,6 +58,14 @@ def _nucleus(values: torch.Tensor, ids: torch.Tensor, log_norm: torch.Tensor,
     probs = (values - log_norm).exp()
     keep = int((probs.cumsum(-1) - probs <= top_p).sum())
     return ids[:keep], values[:keep].softmax(-1)
+
+
+def logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` and the `top` most likely (id, log-probability) pairs, from the raw
+    `logits` (vocab,): the distribution before temperature, top-k, top-p and suppressed tokens, as vLLM reports."""
+    log_probs = logits.float().log_softmax(-1)
+    values, ids = log_probs.topk(top) if top else (log_probs[:0], log_probs[:0].long())
+    return float(log_probs[token]), list(zip(ids.tolist(), values.tolist()))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,

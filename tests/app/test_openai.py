@@ -147,7 +147,7 @@ def test_nullable_fields_take_null_and_unimplemented_ones_are_refused(client, se
                     {"role": "user", "content": "So?"}]
     assert client.chat.completions.create(model="tiny", max_tokens=2, messages=tool_history).choices
     for field, value in {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-                         "logit_bias": {"1": 5}, "logprobs": True, "frequency_penalty": 0.5,
+                         "logit_bias": {"1": 5}, "frequency_penalty": 0.5,
                          "response_format": {"type": "json_object"}}.items():
         with pytest.raises(openai.UnprocessableEntityError, match=field):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
@@ -184,3 +184,29 @@ def test_text_content_parts_are_joined(client, server):
                                    extra_headers={"X-Session-Id": "oa-parts"})
     with server.client() as http:
         assert http.get("/sessions/oa-parts").json()["messages"][0] == {"role": "user", "content": "Hello, there"}
+
+
+def test_logprobs_on_the_chat_route_and_the_native_route(client, server):
+    reply = client.chat.completions.create(**GREEDY, messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:  # greedy: the sampled token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) and entry.logprob <= 0
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    stream = client.chat.completions.create(**GREEDY, messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                            stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+    assert all(e.top_logprobs == [] for e in streamed)
+    assert client.chat.completions.create(**GREEDY, messages=[{"role": "user", "content": "Hi"}]).choices[0].logprobs \
+        is None
+    with pytest.raises(openai.UnprocessableEntityError, match="top_logprobs"):
+        client.chat.completions.create(**GREEDY, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+    with server.client() as http:
+        native = http.post("/sessions/native-logprobs/generate", json={
+            "message": "Hi", "temperature": 0, "max_new_tokens": 6, "stream": False, "logprobs": True,
+            "top_logprobs": 2}).json()
+    assert [e["logprob"]["logprob"] for e in native["logprobs"]] == pytest.approx([e.logprob for e in content])
+    assert all(len(e["top_logprobs"]) == 2 for e in native["logprobs"])
