@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import itertools
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -39,8 +41,10 @@ from app.protocol import (
     SESSION_ID_PATTERN,
     SESSION_ID_RULE,
     ChatCompletionRequest,
+    CompletionRequest,
     GenerateRequest,
     Logprob,
+    OpenAIRequest,
     SamplingFields,
     SessionDetail,
     SessionInfo,
@@ -302,8 +306,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     request.state.generation = generation
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _event_stream(state, _openai_chunks(generation, completion_id, created, body.model, include_usage))
+        envelope = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        return _event_stream(state, _openai_chunks(generation, envelope, _include_usage(body), _chat_choice, ""))
     result = await _collect(generation, request)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
@@ -326,6 +330,49 @@ def _continued_conversation(state: ServerState, owner: str | None, messages: lis
     if found:
         return found, messages[-1:], None
     return f"chat-{uuid.uuid4().hex}", messages, system
+
+
+@protected.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request, state: State, owner: Owner,
+                      x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
+                      x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None
+                      ) -> Response | dict:
+    """OpenAI's legacy text completion: the prompt as it is (no chat template), on a cache of this request only,
+    bounded by the policy as every session's; nothing is stored or listed."""
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    if not prompt:
+        raise ApiError(422, "the prompt must not be empty", "invalid_request", "invalid")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    params = dataclasses.replace(_checked_turn(state, [("prompt", prompt)], body.model_copy(
+        update={"max_new_tokens": body.max_tokens}), stop), top_logprobs=body.logprobs)
+    _check_key_quota(state, owner)
+    session = Session(id=f"cmpl-{uuid.uuid4().hex}", policy=state.parse_policy(x_h2o_policy, x_h2o_kv_dtype),
+                      owner=owner, ephemeral=True)
+    with _submit_errors(state):
+        generation = state.engine.submit(session, [{"role": "user", "content": prompt}], params, raw_prompt=prompt)
+    request.state.generation = generation
+    echo = prompt if body.echo else ""
+    envelope = {"id": session.id, "object": "text_completion", "created": int(time.time()), "model": body.model}
+    if body.stream:
+        return _event_stream(state, _openai_chunks(generation, envelope, _include_usage(body), _text_choice,
+                                                   echo or None))
+    result = await _collect(generation, request)
+    choice = _text_choice(echo + result.text, result.logprobs or [], _openai_finish(result.finish_reason), True)
+    return {**envelope, "choices": [choice], "usage": _openai_usage(result.usage)}
+
+
+def _include_usage(body: OpenAIRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _legacy_logprobs(events: list[TokenEvent]) -> dict | None:
+    """The legacy completion's `logprobs`: None unless the request asked."""
+    if not events or events[0].logprob is None:
+        return None
+    offsets = list(itertools.accumulate((len(e.text) for e in events[:-1]), initial=0))
+    return {"tokens": [e.logprob.token for e in events], "token_logprobs": [e.logprob.logprob for e in events],
+            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs or []} for e in events],
+            "text_offset": offsets}
 
 
 def _openai_logprobs(events: list[TokenEvent] | None) -> dict | None:
@@ -354,26 +401,8 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, tu
     """Validate a turn (`turn`: its messages, the new user message last) against the server's limits and the
     session, create the session on first use (or load it from its snapshot), and submit the turn. Any error
     leaves the store and the session as they were."""
-    settings = state.settings
-    if state.draining:
-        raise _retry_later(state, 503, "the server is shutting down", "shutting_down")
-    for name, text in [*((f"{m['role']} message", m["content"]) for m in turn), ("system prompt", system or "")]:
-        if len(text) > settings.max_message_chars:
-            raise ApiError(413, f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}",
-                           "message_too_large", "invalid")
-    max_new = sampling.max_new_tokens or settings.default_max_new_tokens
-    if max_new > settings.max_new_tokens:
-        raise ApiError(422, f"max_new_tokens={max_new} exceeds the server limit {settings.max_new_tokens}",
-                       "invalid_request", "invalid")
-    if sampling.min_new_tokens > max_new:
-        raise ApiError(422, f"min_new_tokens={sampling.min_new_tokens} exceeds max_new_tokens={max_new}",
-                       "invalid_request", "invalid")
-    if any(not s for s in stop):
-        raise ApiError(422, "stop strings must not be empty", "invalid_request", "invalid")
-    params = SamplingParams(max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
-                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            seed=sampling.seed, stop=tuple(stop),
-                            top_logprobs=sampling.top_logprobs if sampling.logprobs else None)
+    params = _checked_turn(state, [*((f"{m['role']} message", m["content"]) for m in turn),
+                                   ("system prompt", system or "")], sampling, stop)
     existing = await _load(state, session_id, owner)
     if existing is not None and existing.active is not None and existing.active.cancelled:
         with suppress(TimeoutError):
@@ -393,17 +422,58 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, tu
             requested = state.parse_policy(policy or session.policy.replace(kv_dtype="auto").name, kv_dtype,
                                            session.policy.kv_dtype)
         _check_same(session, requested, system)
+    _check_key_quota(state, owner)
+    try:
+        with _submit_errors(state):
+            if created:
+                state.sessions.add(session)
+            if not session.message_count and session.system is not None and turn[0]["role"] != "system":
+                turn = [{"role": "system", "content": session.system}, *turn]
+            return state.engine.submit(session, turn, params)
+    finally:
+        if created and session.active is None:
+            state.sessions.pop(session_id)
+
+
+def _checked_turn(state: ServerState, texts: list[tuple[str, str]], sampling: SamplingFields,
+                  stop: list[str]) -> SamplingParams:
+    """A turn's sampling parameters, once its texts (name, text) and settings are within the server's limits."""
+    settings = state.settings
+    if state.draining:
+        raise _retry_later(state, 503, "the server is shutting down", "shutting_down")
+    for name, text in texts:
+        if len(text) > settings.max_message_chars:
+            raise ApiError(413, f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}",
+                           "message_too_large", "invalid")
+    max_new = sampling.max_new_tokens or settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens:
+        raise ApiError(422, f"max_new_tokens={max_new} exceeds the server limit {settings.max_new_tokens}",
+                       "invalid_request", "invalid")
+    if sampling.min_new_tokens > max_new:
+        raise ApiError(422, f"min_new_tokens={sampling.min_new_tokens} exceeds max_new_tokens={max_new}",
+                       "invalid_request", "invalid")
+    if any(not s for s in stop):
+        raise ApiError(422, "stop strings must not be empty", "invalid_request", "invalid")
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
+                          temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                          seed=sampling.seed, stop=tuple(stop),
+                          top_logprobs=sampling.top_logprobs if sampling.logprobs else None)
+
+
+def _check_key_quota(state: ServerState, owner: str | None) -> None:
+    settings = state.settings
     if settings.api_keys:
-        running = sum(1 for s in state.sessions if s.active is not None and s.owner == owner)
+        running = sum(1 for g in state.engine.in_flight() if g.session.owner == owner)
         if running >= settings.max_requests_per_key:
             raise _retry_later(state, 429, f"this API key has {running} generations in flight; the limit is "
                                f"{settings.max_requests_per_key}", "too_many_requests")
+
+
+@contextmanager
+def _submit_errors(state: ServerState) -> Iterator[None]:
+    """The engine's and the store's refusals as API errors."""
     try:
-        if created:
-            state.sessions.add(session)
-        if not session.message_count and session.system is not None and turn[0]["role"] != "system":
-            turn = [{"role": "system", "content": session.system}, *turn]
-        generation = state.engine.submit(session, turn, params)
+        yield
     except SessionLimitError as exc:
         raise _retry_later(state, 429, str(exc), "too_many_sessions") from exc
     except QueueFullError as exc:
@@ -412,10 +482,6 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, tu
         raise ApiError(409, str(exc), "session_busy", "conflict") from exc
     except EngineNotReadyError as exc:
         raise _retry_later(state, 503, str(exc), "not_ready") from exc
-    finally:
-        if created and session.active is None:
-            state.sessions.pop(session_id)
-    return generation
 
 
 def _check_same(session: Session, policy: CachePolicy | None, system: str | None) -> None:
@@ -482,29 +548,41 @@ async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEven
         generation.cancel()  # no-op once finished; a disconnected client stops the generation here
 
 
-async def _openai_chunks(generation: Generation, completion_id: str, created: int, model: str,
-                         include_usage: bool) -> AsyncIterator[ServerSentEvent]:
-    """OpenAI's chunks; with `stream_options.include_usage` every chunk has `usage: null` and a last chunk without
-    choices carries the usage."""
-    def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None,
-              logprobs: dict | None = None) -> ServerSentEvent:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [] if delta is None else [choice]}
+ChoiceOf = Callable[[str, list[TokenEvent], "str | None", bool], dict]
+"""(text, token events, finish reason, first) -> one streamed choice of a chat or a legacy completion."""
+
+
+def _chat_choice(text: str, events: list[TokenEvent], finish_reason: str | None, first: bool) -> dict:
+    delta = {"role": "assistant", "content": text} if first else {"content": text} if text or events else {}
+    return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": _openai_logprobs(events)}
+
+
+def _text_choice(text: str, events: list[TokenEvent], finish_reason: str | None, first: bool) -> dict:
+    return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": _legacy_logprobs(events)}
+
+
+async def _openai_chunks(generation: Generation, envelope: dict, include_usage: bool, choice_of: ChoiceOf,
+                         opening: str | None) -> AsyncIterator[ServerSentEvent]:
+    """OpenAI's chunks (`envelope`: id, object, created, model), the first with `opening` text if any; with
+    `stream_options.include_usage` every chunk has `usage: null` and a last chunk without choices carries the
+    usage."""
+    def chunk(choices: list[dict], usage: dict | None = None) -> ServerSentEvent:
+        body = {**envelope, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return ServerSentEvent(json.dumps(body))
 
-    yield chunk({"role": "assistant", "content": ""})
+    if opening is not None:
+        yield chunk([choice_of(opening, [], None, True)])
     try:
         async for event in generation:
             if isinstance(event, TokenEvent):
                 if event.text or event.logprob is not None:
-                    yield chunk({"content": event.text}, logprobs=_openai_logprobs([event]))
+                    yield chunk([choice_of(event.text, [event], None, False)])
             else:
-                yield chunk({}, _openai_finish(event.finish_reason))
+                yield chunk([choice_of("", [], _openai_finish(event.finish_reason), False)])
                 if include_usage:
-                    yield chunk(None, usage=_openai_usage(event.usage))
+                    yield chunk([], usage=_openai_usage(event.usage))
         yield ServerSentEvent("[DONE]")
     except GenerationError as exc:
         yield ServerSentEvent(json.dumps(_error_body(str(exc), exc.type, exc.status)))

@@ -181,18 +181,28 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def submit(self, session: Session, new_messages: list[Message], params: SamplingParams) -> Generation:
+    def in_flight(self) -> list[Generation]:
+        """Turns submitted and not finished yet."""
+        with self._cond:
+            return list(self._generations)
+
+    def submit(self, session: Session, new_messages: list[Message], params: SamplingParams,
+               raw_prompt: str | None = None) -> Generation:
         """Queue the next turn of `session` (event loop only): `new_messages` are the turn's messages (a user
         message, after the system message on a session's first turn, or a whole conversation to rebuild). The
         turn is tokenized here so bad input fails before any response starts; the session changes only when the
-        worker finishes the turn."""
+        worker finishes the turn. `raw_prompt`: text fed as it is instead of the chat template's rendering
+        (a legacy completion; the tokenizer adds its special tokens, as a BOS)."""
         if not self.ready:
             raise EngineNotReadyError(self.load_error or "the model is loading")
         if session.active is not None:
             raise SessionBusyError(f"session {session.id!r} is generating; wait for the reply or cancel it")
-        delta = turn_delta(self.tokenizer, context(session.system, session.history), new_messages,
-                           session.fed_prompt, session.fed_reply)
-        ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=False).input_ids
+        if raw_prompt is None:
+            delta = turn_delta(self.tokenizer, context(session.system, session.history), new_messages,
+                               session.fed_prompt, session.fed_reply)
+        else:
+            delta = raw_prompt
+        ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=raw_prompt is not None).input_ids
         decoder = TextStream(self.tokenizer, params.stop)
         generation = Generation(session, new_messages, delta, ids, params, decoder, asyncio.get_running_loop())
         with self._cond:

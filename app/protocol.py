@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -25,6 +25,8 @@ MAX_STOP_CHARS = 256
 string, so the work per token grows with the square of their length."""
 MAX_POLICY_CHARS = 64
 """Characters in a policy name (`h2o_4_256_512_int8` has 18; a name is parsed, and echoed in errors)."""
+MAX_LEGACY_LOGPROBS = 5
+"""Alternatives per position the legacy completion's `logprobs` may ask for (OpenAI's limit)."""
 MAX_TOP_LOGPROBS = 20
 """Alternatives per position `top_logprobs` may ask for (OpenAI's limit)."""
 MAX_CLIENT_ID_CHARS = 64
@@ -187,32 +189,57 @@ class ResponseFormat(BaseModel):
     type: Literal["text"] = Field(description="json_object and json_schema (constrained decoding) are not supported")
 
 
-class ChatCompletionRequest(SamplingFields):
-    """OpenAI's chat request (see app.api.chat_completions for how the messages are used). `null` is accepted for
-    every field OpenAI types as nullable (the default applies); a field this server does not implement, asking for
-    something, is a 422 naming it; other unknown fields are ignored."""
+class OpenAIRequest(SamplingFields):
+    """What OpenAI's chat and completion requests share. `null` is accepted for every field OpenAI types as
+    nullable (the default applies); a field this server does not implement, asking for something, is a 422 naming
+    it; other unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
+    unsupported: ClassVar[dict[str, object]] = UNSUPPORTED_OPENAI_FIELDS
 
     @model_validator(mode="before")
     @classmethod
     def _nulls_and_unsupported(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
-        for name, neutral in UNSUPPORTED_OPENAI_FIELDS.items():
+        for name, neutral in cls.unsupported.items():
             if data.get(name) not in (None, neutral):
                 raise ValueError(f"`{name}` is not supported by this server")
         return {name: value for name, value in data.items() if value is not None}
 
     model: str = Field("h2o-serve", max_length=MAX_MODEL_CHARS)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
     n: Literal[1] = Field(1, description="one choice per request")
     user: str | None = Field(None, max_length=MAX_USER_CHARS, description="OpenAI's end-user id; ignored (it does "
                              "not name a session)")
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """OpenAI's chat request (see app.api.chat_completions for how the messages are used)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI's legacy text completion: the prompt is fed as it is (no chat template) to a cache of this request
+    only. `logprobs` is the number of alternatives (0-5), in the legacy format."""
+
+    unsupported: ClassVar[dict[str, object]] = {**UNSUPPORTED_OPENAI_FIELDS, "suffix": "", "best_of": 1}
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list of one string is accepted; token-id prompts are not)")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LEGACY_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _legacy_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
+        return self

@@ -74,6 +74,8 @@ class Session:
     active: Generation | None = None
     persisted: bool = False
     """The snapshot on disk holds this state: the session may leave memory."""
+    ephemeral: bool = False
+    """One request's only (a legacy completion): never stored, listed or written to disk."""
     deleted: bool = False
 
     def reset_cache(self) -> None:
@@ -378,7 +380,7 @@ class SessionStore:
         """Worker thread, at the end of a turn: snapshot the session now and write it on the writer thread; the
         store learns about it on the event loop, then `then(error)` runs (it ends the turn, so a client sees a
         turn's end only once the turn is on disk, and an error when it could not be written)."""
-        if self._writer is None:
+        if self._writer is None or session.ephemeral:
             then(None)
             return
         record, tensor_bytes, transcript = session.to_record()

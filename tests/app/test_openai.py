@@ -210,3 +210,30 @@ def test_logprobs_on_the_chat_route_and_the_native_route(client, server):
             "top_logprobs": 2}).json()
     assert [e["logprob"]["logprob"] for e in native["logprobs"]] == pytest.approx([e.logprob for e in content])
     assert all(len(e["top_logprobs"]) == 2 for e in native["logprobs"])
+
+
+def test_legacy_completions_feed_the_prompt_as_it_is_and_store_nothing(client, server, tokenizer):
+    before = set(chat_sessions(server))
+    with server.client() as http:
+        listed = {s["id"] for s in http.get("/sessions").json()["sessions"]}
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                     logprobs=2)
+    assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 5 and done.usage.prompt_tokens == len(
+        tokenizer("Once upon a time").input_ids)
+    logprobs = done.choices[0].logprobs
+    assert len(logprobs.tokens) == 5 and all(len(t) == 2 for t in logprobs.top_logprobs)
+    assert "".join(logprobs.tokens) == done.choices[0].text and logprobs.text_offset[0] == 0
+    streamed = client.completions.create(model="tiny", prompt=["Once upon a time"], max_tokens=5, temperature=0,
+                                         stream=True, echo=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Once upon a time" + done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 5
+    for field, value in {"suffix": "end", "best_of": 2, "logit_bias": {"1": 1}}.items():
+        with pytest.raises(openai.UnprocessableEntityError, match=field):
+            client.completions.create(model="tiny", prompt="x", **{field: value})
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="tiny", prompt=[1, 2, 3])
+    with server.client() as http:
+        assert {s["id"] for s in http.get("/sessions").json()["sessions"]} == listed
+    assert set(chat_sessions(server)) == before
