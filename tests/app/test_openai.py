@@ -133,6 +133,13 @@ def test_langchain_chat_openai_holds_a_stateless_conversation(server):
     (new,) = set(chat_sessions(server)) - before
     assert chat_sessions(server)[new]["turns"] == 2
     assert reuse(server)["hit"] == counts["hit"] + 1
+    regenerated = llm.invoke(messages[:4])  # the last question asked again
+    edited = llm.invoke([messages[0], HumanMessage("Hello"), *messages[2:]])
+    sessions = chat_sessions(server)
+    contents = sorted([m["content"] for m in s["messages"] if m["role"] == "user"]
+                      for i, s in sessions.items() if i not in before)
+    assert contents == sorted([["Hi", "again 0"], ["Hi", "again 0"], ["Hello", "again 0", "again 1"]])
+    assert reuse(server)["rebuild"] == counts["rebuild"] + 2 and regenerated.content is not None and edited.content
 
 
 def test_nullable_fields_take_null_and_unimplemented_ones_are_refused(client, server):
