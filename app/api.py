@@ -35,6 +35,7 @@ from app.chat import Message
 from app.conversations import conversation_key
 from app.metrics import Metrics
 from app.protocol import (
+    MAX_API_KEY_CHARS,
     MAX_CLIENT_ID_CHARS,
     MAX_KV_DTYPE_CHARS,
     MAX_POLICY_CHARS,
@@ -152,8 +153,9 @@ def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def require_api_key(state: State, authorization: Annotated[str | None, Header()] = None,
-                    x_api_key: Annotated[str | None, Header()] = None,
+def require_api_key(state: State,
+                    authorization: Annotated[str | None, Header(max_length=MAX_API_KEY_CHARS + 7)] = None,
+                    x_api_key: Annotated[str | None, Header(max_length=MAX_API_KEY_CHARS)] = None,
                     x_h2o_client: Annotated[str | None, Header(max_length=MAX_CLIENT_ID_CHARS)] = None) -> str | None:
     """When API keys are configured, accept `Authorization: Bearer <key>` (what OpenAI clients send) or
     `X-API-Key: <key>`, and return the caller's identity: a hash of the key. Without keys the identity is a hash
@@ -278,7 +280,7 @@ async def generate(session_id: SessionId, body: GenerateRequest, request: Reques
 
 @protected.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, owner: Owner,
-                           x_session_id: Annotated[str | None, Header()] = None,
+                           x_session_id: Annotated[str | None, Header(max_length=128)] = None,
                            x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
                            x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None
                            ) -> Response | dict:

@@ -29,6 +29,9 @@ MAX_LEGACY_LOGPROBS = 5
 """Alternatives per position the legacy completion's `logprobs` may ask for (OpenAI's limit)."""
 MAX_TOP_LOGPROBS = 20
 """Alternatives per position `top_logprobs` may ask for (OpenAI's limit)."""
+MAX_API_KEY_CHARS = 1024
+"""Characters in an API key (`X-API-Key`, or `Authorization: Bearer <key>` with its 7 more); the server refuses to
+start with a longer one configured."""
 MAX_CLIENT_ID_CHARS = 64
 """Characters in an `X-H2O-Client` id (the web chat sends a random UUID)."""
 MAX_KV_DTYPE_CHARS = 16

@@ -11,6 +11,7 @@ import pytest
 
 from app.main import create_app
 from app.protocol import (
+    MAX_API_KEY_CHARS,
     MAX_CHAT_MESSAGES,
     MAX_CONTENT_PARTS,
     MAX_KV_DTYPE_CHARS,
@@ -313,6 +314,10 @@ def test_api_keys_guard_the_api_but_not_health_or_metrics(serve):
         assert ok.status_code == 200
         assert client.get("/sessions", headers={"X-API-Key": "key-one"}).status_code == 200
         assert client.get("/health").status_code == client.get("/metrics").status_code == 200
+        for header in ({"X-API-Key": "k" * (MAX_API_KEY_CHARS + 1)},
+                       {"Authorization": "Bearer " + "k" * (MAX_API_KEY_CHARS + 1)}):
+            too_long = client.get("/sessions", headers=header)
+            assert too_long.status_code == 422 and "at most" in too_long.json()["error"]["message"]
 
 
 def test_one_key_cannot_take_every_session(serve, tmp_path):
