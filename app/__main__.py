@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from types import FrameType
 
 import uvicorn
@@ -49,6 +51,44 @@ class GracefulServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the request log's fields (a record's
+    `h2o_fields`, as keys of their own; its message is then the short `h2o_summary`), and the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "h2o_fields", None)
+        line = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                "level": record.levelname, "logger": record.name,
+                "message": getattr(record, "h2o_summary", None) if fields else record.getMessage()}
+        if fields:
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Every logger (uvicorn's too) through one stderr handler: readable lines, or JSON objects with
+    H2O_LOG_FORMAT=json. uvicorn's access log is off: app.requests writes one line per request (app.main.RequestLog)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python warnings (transformers' ...) in the same format, not raw stderr
+    if settings.log_format == "json":  # transformers' own handler and progress bars would write plain text
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_default_handler()
+        transformers.utils.logging.enable_propagation()
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+
+
 def main() -> None:
     unknown = Settings.unknown_variables(os.environ)
     if unknown:
@@ -58,10 +98,11 @@ def main() -> None:
         settings = Settings()
     except ValidationError as exc:
         sys.exit(f"invalid settings, refusing to start:\n{exc}")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     from app.main import DRAIN_MARGIN_S, app, drain  # after logging is set up; builds the app from the same environment
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False,  # logging is configured above
                             timeout_graceful_shutdown=settings.shutdown_grace_s + DRAIN_MARGIN_S)
     GracefulServer(config, lambda: drain(app)).run()
 

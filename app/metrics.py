@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from prometheus_client import (
@@ -15,11 +16,22 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # One scale from a fast GPU (a few ms per token) to a slow CPU with a long prompt (tens of seconds to first token).
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0)
 SNAPSHOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REQUEST_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+                     160.0, 320.0, 640.0)
+"""End-to-end, queue, prefill and decode times: from a queued turn that starts at once to a long reply on a CPU."""
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+REJECTION_REASONS = ("queue_full", "too_many_sessions", "too_many_requests", "shutting_down", "not_ready")
+"""`h2o_requests_rejected_total` reasons: the `type` of every 429/503 a turn can get with Retry-After
+(app.api._retry_later); each is also counted in h2o_requests_total{outcome="rejected"}."""
+BUILD_INFO_LABELS = ("version", "model", "policy", "kv_dtype", "device")
 
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "conflict", "invalid")
 """`h2o_requests_total` outcomes: the finish reasons, a failed generation, 429 (queue or session limit),
@@ -79,6 +91,37 @@ class Metrics:
         self.requests_running = Gauge("h2o_requests_running", "Generations being advanced", registry=r)
         self.requests_waiting = Gauge("h2o_requests_waiting", "Generations queued for a slot", registry=r)
         self.cache_evictions = Counter("h2o_cache_evictions", "KV cache tokens evicted", registry=r)
+        # After vLLM's set (vllm:e2e_request_latency_seconds, request_queue_time_seconds ...), per turn.
+        self.e2e_latency = Histogram("h2o_e2e_request_latency_seconds", "Turn submitted to its end (last token, "
+                                     "or cancelled), one observation per finished turn",
+                                     buckets=REQUEST_BUCKETS_S, registry=r)
+        self.queue_time = Histogram("h2o_request_queue_time_seconds", "Turn submitted to first scheduled (taken "
+                                    "from the waiting queue by the worker)", buckets=REQUEST_BUCKETS_S, registry=r)
+        self.prefill_time = Histogram("h2o_request_prefill_time_seconds", "First scheduled to first token (the "
+                                      "prompt's prefill)", buckets=REQUEST_BUCKETS_S, registry=r)
+        self.decode_time = Histogram("h2o_request_decode_time_seconds", "First token to last token of a turn",
+                                     buckets=REQUEST_BUCKETS_S, registry=r)
+        self.inter_token_latency = Histogram("h2o_inter_token_latency_seconds", "Time between two consecutive "
+                                             "tokens of a turn, observed for every token after the first",
+                                             buckets=TPOT_BUCKETS_S, registry=r)
+        self.decode_batch_size = Histogram("h2o_decode_batch_size", "Generations that sampled a token in one "
+                                           "scheduler step (batched, the decoding ones share one forward), one "
+                                           "observation per step that sampled any", buckets=BATCH_BUCKETS,
+                                           registry=r)
+        self.kv_cache_capacity_bytes = Gauge(
+            "h2o_kv_cache_capacity_bytes", "The KV bytes the configuration allows the resident sessions: resident "
+            "session limit (H2O_MAX_RESIDENT_SESSIONS with a snapshot dir, else H2O_MAX_SESSIONS) x per-session "
+            "maximum (H2O_MAX_SESSION_BYTES, else a full session of the default policy on the loaded model); 0 "
+            "while unknown", registry=r)
+        self.kv_cache_usage = Gauge("h2o_kv_cache_usage_ratio", "h2o_kv_cache_bytes / h2o_kv_cache_capacity_bytes "
+                                    "(NaN while the capacity is unknown; above 1 when sessions chose policies "
+                                    "larger than the default)", registry=r)
+        self.requests_rejected = Counter("h2o_requests_rejected", "Turns refused with Retry-After (429/503) by "
+                                         "reason", ["reason"], registry=r)
+        for reason in REJECTION_REASONS:
+            self.requests_rejected.labels(reason)
+        self.build_info = BuildInfo()
+        r.register(self.build_info)
         self.gpu_allocated.set_function(lambda: _cuda_bytes(torch.cuda.memory_allocated))
         self.gpu_reserved.set_function(lambda: _cuda_bytes(torch.cuda.memory_reserved))
 
@@ -90,8 +133,41 @@ class Metrics:
         self.sessions_active.set_function(lambda: sum(1 for _ in sessions()))
         self.sessions_stored.set_function(lambda: stored())
 
+    def track_kv_capacity(self, capacity: Callable[[], int], used: Callable[[], float]) -> None:
+        """Compute h2o_kv_cache_capacity_bytes and h2o_kv_cache_usage_ratio at scrape: `capacity()` bytes (0 while
+        unknown), `used()` bytes."""
+        self.kv_cache_capacity_bytes.set_function(capacity)
+
+        def ratio() -> float:
+            limit = capacity()
+            return used() / limit if limit else float("nan")
+
+        self.kv_cache_usage.set_function(ratio)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BuildInfo(Collector):
+    """`h2o_build_info{version,model,policy,kv_dtype,device} 1`, its labels read at scrape (the device is known
+    once the model has loaded)."""
+
+    def __init__(self) -> None:
+        self.labels: Callable[[], dict[str, str]] = lambda: {"version": package_version()}
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        labels = self.labels()
+        family = GaugeMetricFamily("h2o_build_info", "The server's version, model, default cache policy and KV "
+                                   "storage, and device; always 1", labels=BUILD_INFO_LABELS)
+        family.add_metric([str(labels.get(name, "")) for name in BUILD_INFO_LABELS], 1.0)
+        yield family
+
+
+def package_version() -> str:
+    try:
+        return version("h2o-serve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _cuda_bytes(read: Callable[[], int]) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     replica_name: str = Field(default_factory=socket.gethostname, description="sent as X-H2O-Replica")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: readable lines; json: one JSON object per line (every logger, the request log "
+        "included) for log collectors")
 
     @field_validator("api_keys", "allowed_kv_dtypes", mode="before")
     @classmethod
@@ -86,6 +89,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} names nothing; leave the variable unset for none")
             return items
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @classmethod
     def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:

@@ -31,6 +31,11 @@ DASHBOARD_METRICS = (
     "process_resident_memory_bytes", "h2o_time_to_first_token_seconds_bucket",
     "h2o_time_per_output_token_seconds_bucket", "h2o_generation_tokens_total", "h2o_requests_total",
     "h2o_requests_running", "h2o_requests_waiting", "h2o_sessions_active", "h2o_cache_evictions_total",
+    # After vLLM's set (issue 14, part 4).
+    "h2o_e2e_request_latency_seconds_bucket", "h2o_request_queue_time_seconds_bucket",
+    "h2o_request_prefill_time_seconds_bucket", "h2o_request_decode_time_seconds_bucket",
+    "h2o_inter_token_latency_seconds_bucket", "h2o_kv_cache_usage_ratio", "h2o_decode_batch_size_bucket",
+    "h2o_requests_rejected_total", "h2o_build_info",
 )
 
 
@@ -130,7 +135,8 @@ def test_dashboard_panels_cover_the_metrics_and_are_well_formed():
     for metric in DASHBOARD_METRICS:
         assert re.search(rf"\b{metric}\b", exprs), f"no panel queries {metric}"
     for quantile in ("0.5", "0.95", "0.99"):
-        for histogram in ("h2o_time_to_first_token_seconds", "h2o_time_per_output_token_seconds"):
+        for histogram in ("h2o_time_to_first_token_seconds", "h2o_time_per_output_token_seconds",
+                          "h2o_e2e_request_latency_seconds", "h2o_inter_token_latency_seconds"):
             assert f"histogram_quantile({quantile}, sum by (le) (rate({histogram}_bucket" in exprs
 
 
