@@ -1,4 +1,4 @@
-.PHONY: setup serve test bench-smoke loadtest
+.PHONY: setup serve test test-fast bench-smoke loadtest
 
 setup:
 	./scripts/bootstrap.sh
@@ -9,6 +9,10 @@ serve: setup
 test: setup
 	./scripts/system-deps.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q
+
+# The developer's loop: no real model, no other process, no system binary (tests/conftest.py); about a minute.
+test-fast: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m "not slow and not process and not browser"
 
 bench-smoke: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.ppl --smoke

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from app.snapshots import file_stem
 from h2o_cache import H2OCache
 
 if TYPE_CHECKING:
@@ -205,6 +206,6 @@ class Batcher:
     def _fail(self, g: Generation, exc: Exception) -> None:
         from app.engine import GenerationError
 
-        logger.exception("generation failed in session %s", g.session.id, exc_info=exc)
+        logger.exception("generation failed in session %s", file_stem(g.session.id)[:16], exc_info=exc)
         self.pool.drop(g)
         self.engine._fail(g, GenerationError(f"generation failed: {exc}"))

@@ -23,6 +23,7 @@ from app.protocol import Logprob, TokenEvent, TurnResult, Usage
 from app.sampling import SamplingParams, logprobs, sample
 from app.sessions import Session
 from app.settings import Settings
+from app.snapshots import file_stem
 from app.textstream import TextStream
 from h2o_cache import load_model, make_cache, restore_cache
 
@@ -270,7 +271,7 @@ class Engine:
                 try:
                     done = self._step(generation)
                 except Exception as exc:
-                    logger.exception("generation failed in session %s", generation.session.id)
+                    logger.exception("generation failed in session %s", file_stem(generation.session.id)[:16])
                     self._fail(generation, GenerationError(f"generation failed: {exc}"))
                     done = True
                 if not done:

@@ -376,6 +376,7 @@ def test_httpx_sees_json_errors_for_unknown_routes(server):
     assert response.status_code == 404 and response.json()["error"]["code"] == 404
 
 
+@pytest.mark.process
 def test_a_misspelled_or_empty_setting_refuses_to_start(tmp_path):
     """`H2O_API_KEY` (singular) or `H2O_API_KEYS=" , "` would start an open server: the process exits first, naming
     the variable, before it loads anything."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import session_bytes
+
+pytestmark = pytest.mark.process
 
 
 def test_session_bytes_smoke(tmp_path):

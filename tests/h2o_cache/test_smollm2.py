@@ -10,6 +10,8 @@ from benchmarks.runner import data_available
 from h2o_cache import CachePolicy, load_model, make_cache
 from h2o_cache.budget import session_nbytes
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smollm2():

