@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.protocol import MAX_API_KEY_CHARS
 from h2o_cache.quant import KV_DTYPES
 
 DEFAULT_KV_DTYPE = "k8v4"
@@ -89,6 +90,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} names nothing; leave the variable unset for none")
             return items
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_length(cls, keys: list[str]) -> list[str]:
+        """A key longer than the API accepts in a header could never be used."""
+        if any(len(key) > MAX_API_KEY_CHARS for key in keys):
+            raise ValueError(f"an API key is longer than {MAX_API_KEY_CHARS} characters")
+        return keys
 
     @field_validator("log_format", mode="before")
     @classmethod

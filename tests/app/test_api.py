@@ -381,7 +381,8 @@ def test_a_misspelled_or_empty_setting_refuses_to_start(tmp_path):
     """`H2O_API_KEY` (singular) or `H2O_API_KEYS=" , "` would start an open server: the process exits first, naming
     the variable, before it loads anything."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("H2O_")}
-    for extra, message in (({"H2O_API_KEY": "secret"}, "H2O_API_KEY"), ({"H2O_API_KEYS": " , "}, "names nothing")):
+    for extra, message in (({"H2O_API_KEY": "secret"}, "H2O_API_KEY"), ({"H2O_API_KEYS": " , "}, "names nothing"),
+                           ({"H2O_API_KEYS": "k" * (MAX_API_KEY_CHARS + 1)}, "longer than")):
         done = subprocess.run([sys.executable, "-m", "app"], env={**env, **extra}, capture_output=True, text=True,
                               timeout=60)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
