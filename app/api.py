@@ -289,7 +289,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     turn; any other (a new chat, a regenerate, an edit) is prefilled into a new session (see app.conversations).
     With `X-Session-Id` the server keeps the history: only the last message is new, and a leading system message
     counts on the first turn only. A new session's policy and KV storage come from `X-H2O-Policy` and
-    `X-H2O-KV-Dtype`."""
+    `X-H2O-KV-Dtype`. The response's `X-Session-Id` header names the session the turn ran in."""
     if body.messages[-1].role != "user" or not body.messages[-1].content:
         raise ApiError(422, "the last message must be the user's new message, not empty", "invalid_request",
                        "invalid")
@@ -307,17 +307,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                                    stop)
     request.state.generation = generation
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    session_header = {"X-Session-Id": session_id}
     if body.stream:
         envelope = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-        return _event_stream(state, _openai_chunks(generation, envelope, _include_usage(body), _chat_choice, ""))
+        return _event_stream(state, _openai_chunks(generation, envelope, _include_usage(body), _chat_choice, ""),
+                             headers=session_header)
     result = await _collect(generation, request)
-    return {
+    return JSONResponse(headers=session_header, content={
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": _openai_finish(result.finish_reason),
                      "logprobs": _openai_logprobs(result.logprobs)}],
         "usage": _openai_usage(result.usage),
-    }
+    })
 
 
 def _continued_conversation(state: ServerState, owner: str | None, messages: list[Message],
@@ -530,10 +532,11 @@ async def _cancel_on_disconnect(generation: Generation, request: Request) -> Non
     generation.cancel()
 
 
-def _event_stream(state: ServerState, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+def _event_stream(state: ServerState, events: AsyncIterator[ServerSentEvent],
+                  headers: dict[str, str] | None = None) -> EventSourceResponse:
     """An SSE response. On shutdown sse-starlette would cut streams at once; the grace lets the engine end them
     (cancelled after H2O_SHUTDOWN_GRACE_S) so clients get their `done` event."""
-    return EventSourceResponse(events, ping=state.settings.sse_ping_s,
+    return EventSourceResponse(events, ping=state.settings.sse_ping_s, headers=headers,
                                shutdown_grace_period=state.settings.shutdown_grace_s + 2)
 
 

@@ -56,8 +56,11 @@ def test_streaming_and_non_streaming_agree_on_an_explicit_session(client, server
 def test_a_stateless_chat_continues_one_session_and_feeds_only_the_new_turn(client, server):
     before, counts = set(chat_sessions(server)), reuse(server)
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    session_ids = set()
     for turn in range(3):
-        reply = client.chat.completions.create(**GREEDY, messages=history)
+        raw = client.chat.completions.with_raw_response.create(**GREEDY, messages=history)
+        reply = raw.parse()
+        session_ids.add(raw.headers["X-Session-Id"])  # the session the turn ran in
         history += [{"role": "assistant", "content": reply.choices[0].message.content},
                     {"role": "user", "content": f"and {turn}?"}]
         if turn:
@@ -65,7 +68,7 @@ def test_a_stateless_chat_continues_one_session_and_feeds_only_the_new_turn(clie
             assert reply.usage.prompt_tokens - reply.usage.prompt_tokens_details.cached_tokens < 20  # the new turn
     (new,) = set(chat_sessions(server)) - before
     session = chat_sessions(server)[new]
-    assert session["turns"] == 3 and session["messages"] == history[:-1]
+    assert session["turns"] == 3 and session["messages"] == history[:-1] and session_ids == {new}
     assert reuse(server) == {**counts, "hit": counts["hit"] + 2, "miss": counts["miss"] + 1}
 
 
