@@ -1,4 +1,4 @@
-.PHONY: setup serve test test-fast bench-smoke loadtest
+.PHONY: setup serve lint test test-fast bench-smoke loadtest
 
 setup:
 	./scripts/bootstrap.sh
@@ -6,13 +6,17 @@ setup:
 serve: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m app
 
-test: setup
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: lint
 	./scripts/system-deps.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q
 
 # The developer's loop: no real model, no other process, no system binary (tests/conftest.py), on two workers:
 # 438 tests in 53 s on 2 cores (89 s on one).
-test-fast: setup
+test-fast: lint
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -n 2 -m "not slow and not process and not browser"
 
 bench-smoke: setup

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import FrameType
 
 import uvicorn
@@ -60,9 +60,12 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "h2o_fields", None)
-        line = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                "level": record.levelname, "logger": record.name,
-                "message": getattr(record, "h2o_summary", None) if fields else record.getMessage()}
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": getattr(record, "h2o_summary", None) if fields else record.getMessage(),
+        }
         if fields:
             line.update(fields)
         if record.exc_info:
@@ -92,8 +95,10 @@ def configure_logging(settings: Settings) -> None:
 def main() -> None:
     unknown = Settings.unknown_variables(os.environ)
     if unknown:
-        sys.exit(f"unknown setting(s) {', '.join(unknown)}: no H2O_* variable of that name exists (see README, "
-                 "Configuration); refusing to start")
+        sys.exit(
+            f"unknown setting(s) {', '.join(unknown)}: no H2O_* variable of that name exists (see README, "
+            "Configuration); refusing to start"
+        )
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -101,9 +106,15 @@ def main() -> None:
     configure_logging(settings)
     from app.main import DRAIN_MARGIN_S, app, drain  # after logging is set up; builds the app from the same environment
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False,  # logging is configured above
-                            timeout_graceful_shutdown=settings.shutdown_grace_s + DRAIN_MARGIN_S)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,  # logging is configured above
+        timeout_graceful_shutdown=settings.shutdown_grace_s + DRAIN_MARGIN_S,
+    )
     GracefulServer(config, lambda: drain(app)).run()
 
 

@@ -23,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app.chat import Message
+from app.conversations import conversation_key
 from app.engine import (
     Engine,
     EngineNotReadyError,
@@ -31,8 +33,6 @@ from app.engine import (
     QueueFullError,
     SessionBusyError,
 )
-from app.chat import Message
-from app.conversations import conversation_key
 from app.metrics import Metrics
 from app.protocol import (
     MAX_API_KEY_CHARS,
@@ -76,15 +76,17 @@ def _check_session_id(session_id: str) -> str:
     return session_id
 
 
-SessionId = Annotated[str, PathParam(pattern=SESSION_ID_PATTERN, description=SESSION_ID_RULE),
-                      AfterValidator(_check_session_id)]
+SessionId = Annotated[
+    str, PathParam(pattern=SESSION_ID_PATTERN, description=SESSION_ID_RULE), AfterValidator(_check_session_id)
+]
 
 
 class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "code"}}`; `outcome` labels h2o_requests_total."""
 
-    def __init__(self, status: int, message: str, type_: str, outcome: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type_: str, outcome: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.outcome, self.headers = status, message, type_, outcome, headers
 
@@ -102,6 +104,7 @@ class ServerState:
 
     def begin_drain(self) -> None:
         """Refuse new turns now; cancel those still running after `shutdown_grace_s` (thread- and signal-safe)."""
+
         def drain() -> None:
             self.draining = True
             self.loop.call_later(self.settings.shutdown_grace_s, self.engine.cancel_all)
@@ -109,25 +112,31 @@ class ServerState:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(drain)
 
-    def parse_policy(self, name: str | None, kv_dtype: str | None = None,
-                     default_kv_dtype: str | None = None) -> CachePolicy:
+    def parse_policy(
+        self, name: str | None, kv_dtype: str | None = None, default_kv_dtype: str | None = None
+    ) -> CachePolicy:
         """The requested (or default) policy, within the server's limits; ApiError 422 otherwise. Its KV storage is
         `kv_dtype`, else the name's `_<kv_dtype>` suffix, else `default_kv_dtype` (default: H2O_KV_DTYPE)."""
         s = self.settings
         options = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
         try:
-            policy = CachePolicy.parse(name or s.policy, slack=s.policy_slack,
-                                       default_kv_dtype=default_kv_dtype or s.kv_dtype, **options)
+            policy = CachePolicy.parse(
+                name or s.policy, slack=s.policy_slack, default_kv_dtype=default_kv_dtype or s.kv_dtype, **options
+            )
         except ValueError as exc:
             raise _invalid_policy(str(exc)) from exc
         if policy.kv_dtype not in s.allowed_kv_dtypes:
-            raise _invalid_policy(f"kv_dtype {policy.kv_dtype!r} is not allowed on this server; allowed: "
-                                  f"{', '.join(s.allowed_kv_dtypes)} (H2O_ALLOWED_KV_DTYPES)")
+            raise _invalid_policy(
+                f"kv_dtype {policy.kv_dtype!r} is not allowed on this server; allowed: "
+                f"{', '.join(s.allowed_kv_dtypes)} (H2O_ALLOWED_KV_DTYPES)"
+            )
         if policy.max_tokens is None and not s.allow_full_policy:
             raise _invalid_policy("the unbounded 'full' policy is disabled on this server (H2O_ALLOW_FULL_POLICY)")
         if policy.max_tokens is not None and policy.max_tokens > s.max_policy_tokens:
-            raise _invalid_policy(f"policy {policy.name} holds up to {policy.max_tokens} tokens; this server allows "
-                                  f"{s.max_policy_tokens} (H2O_MAX_POLICY_TOKENS)")
+            raise _invalid_policy(
+                f"policy {policy.name} holds up to {policy.max_tokens} tokens; this server allows "
+                f"{s.max_policy_tokens} (H2O_MAX_POLICY_TOKENS)"
+            )
         self._check_bytes(policy)
         return policy
 
@@ -138,12 +147,16 @@ class ServerState:
         if limit is None or not self.engine.ready:
             return
         if policy.max_tokens is None:
-            raise _invalid_policy(f"policy {policy.name} is unbounded; this server allows a session {limit:,} bytes "
-                                  "of KV cache (H2O_MAX_SESSION_BYTES)")
+            raise _invalid_policy(
+                f"policy {policy.name} is unbounded; this server allows a session {limit:,} bytes "
+                "of KV cache (H2O_MAX_SESSION_BYTES)"
+            )
         nbytes = session_nbytes(model.config, policy, model.dtype)
         if nbytes > limit:
-            raise _invalid_policy(f"policy {policy.name} holds up to {nbytes:,} bytes of KV cache on this model; this "
-                                  f"server allows {limit:,} (H2O_MAX_SESSION_BYTES)")
+            raise _invalid_policy(
+                f"policy {policy.name} holds up to {nbytes:,} bytes of KV cache on this model; this "
+                f"server allows {limit:,} (H2O_MAX_SESSION_BYTES)"
+            )
 
 
 def get_state(request: Request) -> ServerState:
@@ -153,10 +166,12 @@ def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def require_api_key(state: State,
-                    authorization: Annotated[str | None, Header(max_length=MAX_API_KEY_CHARS + 7)] = None,
-                    x_api_key: Annotated[str | None, Header(max_length=MAX_API_KEY_CHARS)] = None,
-                    x_h2o_client: Annotated[str | None, Header(max_length=MAX_CLIENT_ID_CHARS)] = None) -> str | None:
+def require_api_key(
+    state: State,
+    authorization: Annotated[str | None, Header(max_length=MAX_API_KEY_CHARS + 7)] = None,
+    x_api_key: Annotated[str | None, Header(max_length=MAX_API_KEY_CHARS)] = None,
+    x_h2o_client: Annotated[str | None, Header(max_length=MAX_CLIENT_ID_CHARS)] = None,
+) -> str | None:
     """When API keys are configured, accept `Authorization: Bearer <key>` (what OpenAI clients send) or
     `X-API-Key: <key>`, and return the caller's identity: a hash of the key. Without keys the identity is a hash
     of `X-H2O-Client` (a random id a browser keeps; None without one): it only decides whose sessions a listing
@@ -264,10 +279,20 @@ async def delete_session(session_id: SessionId, state: State, owner: Owner) -> R
 
 
 @protected.post("/sessions/{session_id}/generate", response_model=None)
-async def generate(session_id: SessionId, body: GenerateRequest, request: Request, state: State,
-                   owner: Owner) -> Response | TurnResult:
-    generation = await _start_turn(state, owner, session_id, [{"role": "user", "content": body.message}],
-                                   body.system, body.policy, body.kv_dtype, body, body.stop)
+async def generate(
+    session_id: SessionId, body: GenerateRequest, request: Request, state: State, owner: Owner
+) -> Response | TurnResult:
+    generation = await _start_turn(
+        state,
+        owner,
+        session_id,
+        [{"role": "user", "content": body.message}],
+        body.system,
+        body.policy,
+        body.kv_dtype,
+        body,
+        body.stop,
+    )
     request.state.generation = generation  # the request log (app.main.RequestLog) reads the turn's outcome
     if not body.stream:
         result = await _collect(generation, request)
@@ -279,11 +304,15 @@ async def generate(session_id: SessionId, body: GenerateRequest, request: Reques
 
 
 @protected.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, owner: Owner,
-                           x_session_id: Annotated[str | None, Header(max_length=128)] = None,
-                           x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
-                           x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None
-                           ) -> Response | dict:
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    state: State,
+    owner: Owner,
+    x_session_id: Annotated[str | None, Header(max_length=128)] = None,
+    x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
+    x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None,
+) -> Response | dict:
     """OpenAI's chat API. Without `X-Session-Id` the sent conversation is the truth: a request whose history (all
     but its last message) is a stored conversation of the same key continues that session, feeding only the new
     turn; any other (a new chat, a regenerate, an edit) is prefilled into a new session (see app.conversations).
@@ -291,8 +320,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     counts on the first turn only. A new session's policy and KV storage come from `X-H2O-Policy` and
     `X-H2O-KV-Dtype`. The response's `X-Session-Id` header names the session the turn ran in."""
     if body.messages[-1].role != "user" or not body.messages[-1].content:
-        raise ApiError(422, "the last message must be the user's new message, not empty", "invalid_request",
-                       "invalid")
+        raise ApiError(422, "the last message must be the user's new message, not empty", "invalid_request", "invalid")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     if x_session_id is not None:
@@ -303,27 +331,39 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         session_id, turn, system = _continued_conversation(state, owner, messages, system)
     sampling = body.model_copy(update={"max_new_tokens": body.max_completion_tokens or body.max_tokens})
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    generation = await _start_turn(state, owner, session_id, turn, system, x_h2o_policy, x_h2o_kv_dtype, sampling,
-                                   stop)
+    generation = await _start_turn(state, owner, session_id, turn, system, x_h2o_policy, x_h2o_kv_dtype, sampling, stop)
     request.state.generation = generation
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     session_header = {"X-Session-Id": session_id}
     if body.stream:
         envelope = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-        return _event_stream(state, _openai_chunks(generation, envelope, _include_usage(body), _chat_choice, ""),
-                             headers=session_header)
+        return _event_stream(
+            state, _openai_chunks(generation, envelope, _include_usage(body), _chat_choice, ""), headers=session_header
+        )
     result = await _collect(generation, request)
-    return JSONResponse(headers=session_header, content={
-        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": _openai_finish(result.finish_reason),
-                     "logprobs": _openai_logprobs(result.logprobs)}],
-        "usage": _openai_usage(result.usage),
-    })
+    return JSONResponse(
+        headers=session_header,
+        content={
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": _openai_finish(result.finish_reason),
+                    "logprobs": _openai_logprobs(result.logprobs),
+                }
+            ],
+            "usage": _openai_usage(result.usage),
+        },
+    )
 
 
-def _continued_conversation(state: ServerState, owner: str | None, messages: list[Message],
-                            system: str | None) -> tuple[str, list[Message], str | None]:
+def _continued_conversation(
+    state: ServerState, owner: str | None, messages: list[Message], system: str | None
+) -> tuple[str, list[Message], str | None]:
     """(session id, the turn's messages, system prompt) of a stateless request: the stored session whose
     conversation the request's history is and its new message, else a new session and every message."""
     history = messages[:-1]
@@ -337,29 +377,40 @@ def _continued_conversation(state: ServerState, owner: str | None, messages: lis
 
 
 @protected.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, request: Request, state: State, owner: Owner,
-                      x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
-                      x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None
-                      ) -> Response | dict:
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    state: State,
+    owner: Owner,
+    x_h2o_policy: Annotated[str | None, Header(max_length=MAX_POLICY_CHARS)] = None,
+    x_h2o_kv_dtype: Annotated[str | None, Header(max_length=MAX_KV_DTYPE_CHARS)] = None,
+) -> Response | dict:
     """OpenAI's legacy text completion: the prompt as it is (no chat template), on a cache of this request only,
     bounded by the policy as every session's; nothing is stored or listed."""
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     if not prompt:
         raise ApiError(422, "the prompt must not be empty", "invalid_request", "invalid")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    params = dataclasses.replace(_checked_turn(state, [("prompt", prompt)], body.model_copy(
-        update={"max_new_tokens": body.max_tokens}), stop), top_logprobs=body.logprobs)
+    params = dataclasses.replace(
+        _checked_turn(state, [("prompt", prompt)], body.model_copy(update={"max_new_tokens": body.max_tokens}), stop),
+        top_logprobs=body.logprobs,
+    )
     _check_key_quota(state, owner)
-    session = Session(id=f"cmpl-{uuid.uuid4().hex}", policy=state.parse_policy(x_h2o_policy, x_h2o_kv_dtype),
-                      owner=owner, ephemeral=True)
+    session = Session(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        policy=state.parse_policy(x_h2o_policy, x_h2o_kv_dtype),
+        owner=owner,
+        ephemeral=True,
+    )
     with _submit_errors(state):
         generation = state.engine.submit(session, [{"role": "user", "content": prompt}], params, raw_prompt=prompt)
     request.state.generation = generation
     echo = prompt if body.echo else ""
     envelope = {"id": session.id, "object": "text_completion", "created": int(time.time()), "model": body.model}
     if body.stream:
-        return _event_stream(state, _openai_chunks(generation, envelope, _include_usage(body), _text_choice,
-                                                   echo or None))
+        return _event_stream(
+            state, _openai_chunks(generation, envelope, _include_usage(body), _text_choice, echo or None)
+        )
     result = await _collect(generation, request)
     choice = _text_choice(echo + result.text, result.logprobs or [], _openai_finish(result.finish_reason), True)
     return {**envelope, "choices": [choice], "usage": _openai_usage(result.usage)}
@@ -374,9 +425,12 @@ def _legacy_logprobs(events: list[TokenEvent]) -> dict | None:
     if not events or events[0].logprob is None:
         return None
     offsets = list(itertools.accumulate((len(e.text) for e in events[:-1]), initial=0))
-    return {"tokens": [e.logprob.token for e in events], "token_logprobs": [e.logprob.logprob for e in events],
-            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs or []} for e in events],
-            "text_offset": offsets}
+    return {
+        "tokens": [e.logprob.token for e in events],
+        "token_logprobs": [e.logprob.logprob for e in events],
+        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs or []} for e in events],
+        "text_offset": offsets,
+    }
 
 
 def _openai_logprobs(events: list[TokenEvent] | None) -> dict | None:
@@ -387,26 +441,40 @@ def _openai_logprobs(events: list[TokenEvent] | None) -> dict | None:
     def entry(logprob: Logprob) -> dict:
         return {"token": logprob.token, "logprob": logprob.logprob, "bytes": list(logprob.token.encode())}
 
-    return {"content": [{**entry(e.logprob), "top_logprobs": [entry(t) for t in e.top_logprobs or []]}
-                        for e in events]}
+    return {"content": [{**entry(e.logprob), "top_logprobs": [entry(t) for t in e.top_logprobs or []]} for e in events]}
 
 
 def _openai_usage(usage: Usage) -> dict:
     """OpenAI counts the whole conversation as the prompt; what the session's cache held already is cached."""
     prompt = usage.cached_tokens + usage.prompt_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": usage.completion_tokens,
-            "total_tokens": prompt + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": prompt + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
 
 
-async def _start_turn(state: ServerState, owner: str | None, session_id: str, turn: list[Message],
-                      system: str | None, policy: str | None, kv_dtype: str | None, sampling: SamplingFields,
-                      stop: list[str]) -> Generation:
+async def _start_turn(
+    state: ServerState,
+    owner: str | None,
+    session_id: str,
+    turn: list[Message],
+    system: str | None,
+    policy: str | None,
+    kv_dtype: str | None,
+    sampling: SamplingFields,
+    stop: list[str],
+) -> Generation:
     """Validate a turn (`turn`: its messages, the new user message last) against the server's limits and the
     session, create the session on first use (or load it from its snapshot), and submit the turn. Any error
     leaves the store and the session as they were."""
-    params = _checked_turn(state, [*((f"{m['role']} message", m["content"]) for m in turn),
-                                   ("system prompt", system or "")], sampling, stop)
+    params = _checked_turn(
+        state,
+        [*((f"{m['role']} message", m["content"]) for m in turn), ("system prompt", system or "")],
+        sampling,
+        stop,
+    )
     existing = await _load(state, session_id, owner)
     if existing is not None and existing.active is not None and existing.active.cancelled:
         with suppress(TimeoutError):
@@ -423,8 +491,9 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, tu
             raise _not_found(session_id)
         requested = None
         if policy is not None or kv_dtype is not None:  # what is left unsaid is the session's own
-            requested = state.parse_policy(policy or session.policy.replace(kv_dtype="auto").name, kv_dtype,
-                                           session.policy.kv_dtype)
+            requested = state.parse_policy(
+                policy or session.policy.replace(kv_dtype="auto").name, kv_dtype, session.policy.kv_dtype
+            )
         _check_same(session, requested, system)
     _check_key_quota(state, owner)
     try:
@@ -439,29 +508,48 @@ async def _start_turn(state: ServerState, owner: str | None, session_id: str, tu
             state.sessions.pop(session_id)
 
 
-def _checked_turn(state: ServerState, texts: list[tuple[str, str]], sampling: SamplingFields,
-                  stop: list[str]) -> SamplingParams:
+def _checked_turn(
+    state: ServerState, texts: list[tuple[str, str]], sampling: SamplingFields, stop: list[str]
+) -> SamplingParams:
     """A turn's sampling parameters, once its texts (name, text) and settings are within the server's limits."""
     settings = state.settings
     if state.draining:
         raise _retry_later(state, 503, "the server is shutting down", "shutting_down")
     for name, text in texts:
         if len(text) > settings.max_message_chars:
-            raise ApiError(413, f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}",
-                           "message_too_large", "invalid")
+            raise ApiError(
+                413,
+                f"{name} has {len(text)} characters; the limit is {settings.max_message_chars}",
+                "message_too_large",
+                "invalid",
+            )
     max_new = sampling.max_new_tokens or settings.default_max_new_tokens
     if max_new > settings.max_new_tokens:
-        raise ApiError(422, f"max_new_tokens={max_new} exceeds the server limit {settings.max_new_tokens}",
-                       "invalid_request", "invalid")
+        raise ApiError(
+            422,
+            f"max_new_tokens={max_new} exceeds the server limit {settings.max_new_tokens}",
+            "invalid_request",
+            "invalid",
+        )
     if sampling.min_new_tokens > max_new:
-        raise ApiError(422, f"min_new_tokens={sampling.min_new_tokens} exceeds max_new_tokens={max_new}",
-                       "invalid_request", "invalid")
+        raise ApiError(
+            422,
+            f"min_new_tokens={sampling.min_new_tokens} exceeds max_new_tokens={max_new}",
+            "invalid_request",
+            "invalid",
+        )
     if any(not s for s in stop):
         raise ApiError(422, "stop strings must not be empty", "invalid_request", "invalid")
-    return SamplingParams(max_new_tokens=max_new, min_new_tokens=sampling.min_new_tokens,
-                          temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                          seed=sampling.seed, stop=tuple(stop),
-                          top_logprobs=sampling.top_logprobs if sampling.logprobs else None)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        min_new_tokens=sampling.min_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        stop=tuple(stop),
+        top_logprobs=sampling.top_logprobs if sampling.logprobs else None,
+    )
 
 
 def _check_key_quota(state: ServerState, owner: str | None) -> None:
@@ -469,8 +557,12 @@ def _check_key_quota(state: ServerState, owner: str | None) -> None:
     if settings.api_keys:
         running = sum(1 for g in state.engine.in_flight() if g.session.owner == owner)
         if running >= settings.max_requests_per_key:
-            raise _retry_later(state, 429, f"this API key has {running} generations in flight; the limit is "
-                               f"{settings.max_requests_per_key}", "too_many_requests")
+            raise _retry_later(
+                state,
+                429,
+                f"this API key has {running} generations in flight; the limit is {settings.max_requests_per_key}",
+                "too_many_requests",
+            )
 
 
 @contextmanager
@@ -491,12 +583,18 @@ def _submit_errors(state: ServerState) -> Iterator[None]:
 def _check_same(session: Session, policy: CachePolicy | None, system: str | None) -> None:
     """A session's policy and system prompt are fixed when it is created."""
     if policy is not None and policy != session.policy:
-        raise _invalid_policy(f"session {session.id!r} uses policy {session.policy.name} (kv_dtype "
-                              f"{session.policy.kv_dtype}); a policy and its kv_dtype can only be chosen when a "
-                              "session is created")
+        raise _invalid_policy(
+            f"session {session.id!r} uses policy {session.policy.name} (kv_dtype "
+            f"{session.policy.kv_dtype}); a policy and its kv_dtype can only be chosen when a "
+            "session is created"
+        )
     if system is not None and system != session.system:
-        raise ApiError(422, f"session {session.id!r} already has a different system prompt; it is set on the "
-                       "first turn only", "invalid_request", "invalid")
+        raise ApiError(
+            422,
+            f"session {session.id!r} already has a different system prompt; it is set on the first turn only",
+            "invalid_request",
+            "invalid",
+        )
 
 
 def _invalid_policy(message: str) -> ApiError:
@@ -532,12 +630,17 @@ async def _cancel_on_disconnect(generation: Generation, request: Request) -> Non
     generation.cancel()
 
 
-def _event_stream(state: ServerState, events: AsyncIterator[ServerSentEvent],
-                  headers: dict[str, str] | None = None) -> EventSourceResponse:
+def _event_stream(
+    state: ServerState, events: AsyncIterator[ServerSentEvent], headers: dict[str, str] | None = None
+) -> EventSourceResponse:
     """An SSE response. On shutdown sse-starlette would cut streams at once; the grace lets the engine end them
     (cancelled after H2O_SHUTDOWN_GRACE_S) so clients get their `done` event."""
-    return EventSourceResponse(events, ping=state.settings.sse_ping_s, headers=headers,
-                               shutdown_grace_period=state.settings.shutdown_grace_s + 2)
+    return EventSourceResponse(
+        events,
+        ping=state.settings.sse_ping_s,
+        headers=headers,
+        shutdown_grace_period=state.settings.shutdown_grace_s + 2,
+    )
 
 
 async def _native_events(generation: Generation) -> AsyncIterator[ServerSentEvent]:
@@ -566,11 +669,13 @@ def _text_choice(text: str, events: list[TokenEvent], finish_reason: str | None,
     return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": _legacy_logprobs(events)}
 
 
-async def _openai_chunks(generation: Generation, envelope: dict, include_usage: bool, choice_of: ChoiceOf,
-                         opening: str | None) -> AsyncIterator[ServerSentEvent]:
+async def _openai_chunks(
+    generation: Generation, envelope: dict, include_usage: bool, choice_of: ChoiceOf, opening: str | None
+) -> AsyncIterator[ServerSentEvent]:
     """OpenAI's chunks (`envelope`: id, object, created, model), the first with `opening` text if any; with
     `stream_options.include_usage` every chunk has `usage: null` and a last chunk without choices carries the
     usage."""
+
     def chunk(choices: list[dict], usage: dict | None = None) -> ServerSentEvent:
         body = {**envelope, "choices": choices}
         if include_usage:
@@ -607,8 +712,12 @@ async def _load(state: ServerState, session_id: str, owner: str | None) -> Sessi
     try:
         session = await state.sessions.load(session_id)
     except SnapshotCorruptError as exc:
-        raise ApiError(500, f"the snapshot of session {session_id!r} is damaged and was not loaded ({exc}); "
-                       "DELETE the session to start it over", "snapshot_corrupt") from exc
+        raise ApiError(
+            500,
+            f"the snapshot of session {session_id!r} is damaged and was not loaded ({exc}); "
+            "DELETE the session to start it over",
+            "snapshot_corrupt",
+        ) from exc
     if session is not None and not _owns(state, owner, session.owner):
         raise _not_found(session_id)
     return session
@@ -641,11 +750,18 @@ def _not_found(session_id: str) -> ApiError:
 def _info(summary: dict) -> SessionInfo:
     policy = summary["policy"]
     return SessionInfo(
-        id=summary["id"], policy=policy.name, kv_dtype=policy.kv_dtype, turns=summary["turns"],
+        id=summary["id"],
+        policy=policy.name,
+        kv_dtype=policy.kv_dtype,
+        turns=summary["turns"],
         cache_tokens=summary["cache_tokens"],
-        cache_tokens_seen=summary["cache_tokens_seen"], cache_budget=policy.max_tokens,
-        evicted_tokens=summary["evicted_tokens"], cache_bytes=summary["cache_bytes"], busy=summary["busy"],
-        created_at=summary["created_at"], updated_at=summary["updated_at"],
+        cache_tokens_seen=summary["cache_tokens_seen"],
+        cache_budget=policy.max_tokens,
+        evicted_tokens=summary["evicted_tokens"],
+        cache_bytes=summary["cache_bytes"],
+        busy=summary["busy"],
+        created_at=summary["created_at"],
+        updated_at=summary["updated_at"],
     )
 
 

@@ -9,9 +9,10 @@ to the session's batch-1 cache (what snapshots save and the next turn prefills o
 
 Idle sessions therefore never hold a row: on a CPU a held row costs compute in every forward, and the next turn
 starts with a prefill on the batch-1 cache anyway. The pool grows by doubling up to `max_batch` rows and halves when
-a quarter of it is in use, so a lone stream runs at batch-1 speed. A turn starts its prefill only while fewer than `max_batch`
-generations have started, so it waits for a row before its first token rather than mid-stream. Generations whose
-policy differs from the pool's (one pool per policy, bounded policies only) decode on their own cache.
+a quarter of it is in use, so a lone stream runs at batch-1 speed. A turn starts its prefill only while fewer than
+`max_batch` generations have started, so it waits for a row before its first token rather than mid-stream.
+Generations whose policy differs from the pool's (one pool per policy, bounded policies only) decode on their own
+cache.
 """
 
 from __future__ import annotations
@@ -122,8 +123,13 @@ class SlotPool:
             row = self.rows[g]
             tokens[row, 0] = g.output_ids[-1]
             mask[row, 0] = 1
-        out = self._model(input_ids=tokens.to(device), attention_mask=mask.to(device), past_key_values=self.cache,
-                          use_cache=True, logits_to_keep=1)
+        out = self._model(
+            input_ids=tokens.to(device),
+            attention_mask=mask.to(device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]
 
 

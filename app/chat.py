@@ -36,8 +36,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_gene
     What people wrote (every role but the assistant's, whose raw replies the cache holds as generated) cannot open
     or close turns."""
     specials = special_tokens(tokenizer)
-    messages = [m if m["role"] == "assistant" else {**m, "content": defuse(m["content"], specials)}
-                for m in messages]
+    messages = [m if m["role"] == "assistant" else {**m, "content": defuse(m["content"], specials)} for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -56,8 +55,9 @@ def context(system: str | None, history: list[Message]) -> list[Message]:
     return [{"role": "system", "content": system}, *recent]
 
 
-def turn_delta(tokenizer: PreTrainedTokenizerBase, before: list[Message], new: list[Message], fed_prompt: str,
-               fed_reply: str) -> str:
+def turn_delta(
+    tokenizer: PreTrainedTokenizerBase, before: list[Message], new: list[Message], fed_prompt: str, fed_reply: str
+) -> str:
     """Text to feed for the `new` messages, given `before` (see `context`) and what the cache holds at its end:
     `fed_prompt`, the last turn's fed text, then `fed_reply`, the model's raw reply (end-of-turn token included);
     both empty when the cache is empty (the whole rendering is fed).
@@ -81,6 +81,7 @@ def turn_delta(tokenizer: PreTrainedTokenizerBase, before: list[Message], new: l
     reply_at = at + len(fed_prompt)
     matched = len(os.path.commonprefix([full[reply_at:], fed_reply]))
     if matched < len(fed_reply):
-        logger.warning("chat template does not extend the fed reply (diverges at char %d of %d)", matched,
-                       len(fed_reply))
+        logger.warning(
+            "chat template does not extend the fed reply (diverges at char %d of %d)", matched, len(fed_reply)
+        )
     return full[reply_at + matched :]

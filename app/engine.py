@@ -61,8 +61,16 @@ class Generation:
     """One turn in flight. Created on the event loop by `Engine.submit`; advanced by the worker; its events
     (TokenEvent..., then TurnResult or GenerationError) arrive on `events`."""
 
-    def __init__(self, session: Session, new_messages: list[Message], prompt_text: str, prompt_ids: list[int],
-                 params: SamplingParams, decoder: TextStream, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        session: Session,
+        new_messages: list[Message],
+        prompt_text: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        decoder: TextStream,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.session = session
         self.cached_tokens = session.cache_tokens_seen
         """Tokens of the conversation the session's cache had seen before this turn (not fed again)."""
@@ -131,9 +139,13 @@ class Engine:
     replaces it with one batched forward per round without touching the HTTP layer.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics,
-                 preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
-                 persist: Callable[[Session, Callable[[Exception | None], None]], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+        persist: Callable[[Session, Callable[[Exception | None], None]], None] | None = None,
+    ) -> None:
         """`persist(session, then)` is called on the worker when a turn has changed a session; it must call
         `then(error)` (from any thread) once the session is saved or could not be (SessionStore.persist), which
         ends the turn: with its result, or with TurnNotSavedError."""
@@ -171,8 +183,7 @@ class Engine:
         """Cancel every generation and wait (up to `timeout_s`) until each has ended and been saved."""
         self.cancel_all()
         deadline = time.monotonic() + timeout_s
-        while self._in_flight and self._thread is not None and self._thread.is_alive() \
-                and time.monotonic() < deadline:
+        while self._in_flight and self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -187,8 +198,9 @@ class Engine:
         with self._cond:
             return list(self._generations)
 
-    def submit(self, session: Session, new_messages: list[Message], params: SamplingParams,
-               raw_prompt: str | None = None) -> Generation:
+    def submit(
+        self, session: Session, new_messages: list[Message], params: SamplingParams, raw_prompt: str | None = None
+    ) -> Generation:
         """Queue the next turn of `session` (event loop only): `new_messages` are the turn's messages (a user
         message, after the system message on a session's first turn, or a whole conversation to rebuild). The
         turn is tokenized here so bad input fails before any response starts; the session changes only when the
@@ -199,8 +211,13 @@ class Engine:
         if session.active is not None:
             raise SessionBusyError(f"session {session.id!r} is generating; wait for the reply or cancel it")
         if raw_prompt is None:
-            delta = turn_delta(self.tokenizer, context(session.system, session.history), new_messages,
-                               session.fed_prompt, session.fed_reply)
+            delta = turn_delta(
+                self.tokenizer,
+                context(session.system, session.history),
+                new_messages,
+                session.fed_prompt,
+                session.fed_reply,
+            )
         else:
             delta = raw_prompt
         ids = session.pending_ids + self.tokenizer(delta, add_special_tokens=raw_prompt is not None).input_ids
@@ -332,9 +349,12 @@ class Engine:
         sampled, alternatives = logprobs(logits, token, top)
         ids = [token] + [i for i, _ in alternatives]
         texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
-        return {"logprob": Logprob(token_id=token, token=texts[0], logprob=sampled),
-                "top_logprobs": [Logprob(token_id=i, token=t, logprob=lp)
-                                 for (i, lp), t in zip(alternatives, texts[1:])] if top else None}
+        return {
+            "logprob": Logprob(token_id=token, token=texts[0], logprob=sampled),
+            "top_logprobs": [Logprob(token_id=i, token=t, logprob=lp) for (i, lp), t in zip(alternatives, texts[1:])]
+            if top
+            else None,
+        }
 
     def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
         """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""
@@ -345,8 +365,12 @@ class Engine:
             session.cache = make_cache(self.model, session.policy)
         cache = session.cache
         evicted_before = cache.evicted_tokens
-        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.model.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         evicted = cache.evicted_tokens - evicted_before
         session.evicted_tokens += evicted
         self._metrics.cache_evictions.inc(evicted)
@@ -368,8 +392,10 @@ class Engine:
             content_ids = g.output_ids[:-1] if ends_with_eos else g.output_ids
             s.append([*g.new_messages, {"role": "assistant", "content": self._raw(content_ids)}])
             s.fed_prompt, s.fed_reply = g.prompt_text, self._raw(g.output_ids)
-            s.conversation_key = extend_key(s.conversation_key or root_key(s.owner),
-                                            [*g.new_messages, {"role": "assistant", "content": g.decoder.output}])
+            s.conversation_key = extend_key(
+                s.conversation_key or root_key(s.owner),
+                [*g.new_messages, {"role": "assistant", "content": g.decoder.output}],
+            )
             s.pending_ids = g.prompt_ids[g.n_fed :] + g.output_ids[-1:]
             s.turns += 1
             s.updated_at = time.time()
@@ -389,10 +415,14 @@ class Engine:
             m.prefill_time.observe(g.first_token_at - g.scheduled_at)
             m.decode_time.observe(g.last_token_at - g.first_token_at)
         result = TurnResult(
-            finish_reason=reason, usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out,
-                                              cached_tokens=g.cached_tokens),
-            cache_tokens=s.cache_tokens, cache_tokens_seen=s.cache_tokens_seen, cache_budget=s.policy.max_tokens,
-            ttft_s=ttft_s, tpot_s=tpot_s, text=g.decoder.output,
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=g.n_fed, completion_tokens=n_out, cached_tokens=g.cached_tokens),
+            cache_tokens=s.cache_tokens,
+            cache_tokens_seen=s.cache_tokens_seen,
+            cache_budget=s.policy.max_tokens,
+            ttft_s=ttft_s,
+            tpot_s=tpot_s,
+            text=g.decoder.output,
         )
 
         def complete(error: Exception | None = None) -> None:
@@ -400,8 +430,13 @@ class Engine:
                 self._release(g, result)
                 return
             self._metrics.requests.labels("error").inc()
-            self._release(g, TurnNotSavedError(f"the turn was generated but could not be saved ({error}); it was "
-                                               "not kept: retry it once storage works"))
+            self._release(
+                g,
+                TurnNotSavedError(
+                    f"the turn was generated but could not be saved ({error}); it was "
+                    "not kept: retry it once storage works"
+                ),
+            )
 
         if started and self._persist is not None:
             self._persist(s, complete)
@@ -433,4 +468,3 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
     ids = set(configured if isinstance(configured, list) else [configured])
     ids.add(tokenizer.eos_token_id)
     return {i for i in ids if i is not None}
-

@@ -35,23 +35,35 @@ DRAIN_MARGIN_S = 5.0
 """On SIGTERM, how long past H2O_SHUTDOWN_GRACE_S the cancelled turns may take to be saved and answered."""
 
 
-def create_app(settings: Settings | None = None,
-               preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, preloaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
+) -> FastAPI:
     """Build the server. `preloaded` (model, tokenizer) skips loading `settings.model` (tests use it)."""
     settings = settings or Settings()
     metrics = Metrics()
     snapshots = SnapshotStore(settings.snapshot_dir) if settings.snapshot_dir else None
-    sessions = SessionStore(settings.max_sessions, settings.session_ttl_s, settings.max_resident_sessions,
-                            snapshots, metrics, settings.max_sessions_per_key)
+    sessions = SessionStore(
+        settings.max_sessions,
+        settings.session_ttl_s,
+        settings.max_resident_sessions,
+        snapshots,
+        metrics,
+        settings.max_sessions_per_key,
+    )
     metrics.track_sessions(lambda: sessions, lambda: sessions.stored_count)
     engine = Engine(settings, metrics, preloaded, persist=sessions.persist if snapshots else None)
     state = ServerState(settings, engine, sessions, metrics)
     default_policy = state.parse_policy(None)  # a bad default policy fails at startup, not on the first request
-    metrics.track_kv_capacity(_kv_capacity(settings, engine, default_policy),
-                              lambda: sum(s.cache_bytes for s in sessions))
+    metrics.track_kv_capacity(
+        _kv_capacity(settings, engine, default_policy), lambda: sum(s.cache_bytes for s in sessions)
+    )
     metrics.build_info.labels = lambda: {
-        "version": package_version(), "model": settings.model, "policy": default_policy.replace(kv_dtype="auto").name,
-        "kv_dtype": default_policy.kv_dtype, "device": _device(settings, engine)}
+        "version": package_version(),
+        "model": settings.model,
+        "policy": default_policy.replace(kv_dtype="auto").name,
+        "kv_dtype": default_policy.kv_dtype,
+        "device": _device(settings, engine),
+    }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -101,8 +113,11 @@ def create_app(settings: Settings | None = None,
 def _kv_capacity(settings: Settings, engine: Engine, default_policy: CachePolicy):
     """h2o_kv_cache_capacity_bytes: resident session limit x per-session maximum (H2O_MAX_SESSION_BYTES, else a full
     session of the default policy on the loaded model); 0 while the model loads or when neither bounds a session."""
-    resident = settings.max_resident_sessions if settings.snapshot_dir and settings.max_resident_sessions \
+    resident = (
+        settings.max_resident_sessions
+        if settings.snapshot_dir and settings.max_resident_sessions
         else settings.max_sessions
+    )
     known: list[int] = []
 
     def capacity() -> int:
@@ -233,8 +248,12 @@ class RequestLog:
                 response["json"] = content_type.startswith(b"application/json")
                 response["stream"] = content_type.startswith(b"text/event-stream")
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            elif message["type"] == "http.response.body" and response["json"] and response["status"] >= 400 \
-                    and len(response["body"]) < ERROR_BODY_BYTES:
+            elif (
+                message["type"] == "http.response.body"
+                and response["json"]
+                and response["status"] >= 400
+                and len(response["body"]) < ERROR_BODY_BYTES
+            ):
                 response["body"] += message.get("body", b"")
             await send(message)
 
@@ -250,17 +269,26 @@ class RequestLog:
             except Exception:  # a log line must never break a response
                 request_log.exception("request log failed")
 
-    def _log(self, scope: Scope, request_id: str, response: dict, duration_s: float,
-             failure: BaseException | None) -> None:
+    def _log(
+        self, scope: Scope, request_id: str, response: dict, duration_s: float, failure: BaseException | None
+    ) -> None:
         route = scope.get("route")
         template = getattr(route, "path_format", None) or getattr(route, "path", None)
         generation: Generation | None = scope.get("state", {}).get("generation")
         status = response["status"] or (500 if failure is not None else 0)
-        session_id = generation.session.id if generation is not None else \
-            (scope.get("path_params") or {}).get("session_id") or \
-            dict(scope["headers"]).get(b"x-session-id", b"").decode("latin-1") or None
-        fields: dict = {"request_id": request_id, "method": scope["method"], "route": template or "(unmatched)",
-                        "status": status}
+        session_id = (
+            generation.session.id
+            if generation is not None
+            else (scope.get("path_params") or {}).get("session_id")
+            or dict(scope["headers"]).get(b"x-session-id", b"").decode("latin-1")
+            or None
+        )
+        fields: dict = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "route": template or "(unmatched)",
+            "status": status,
+        }
         if session_id:
             fields["session"] = session_hash(session_id)
         if response["stream"]:
@@ -270,15 +298,27 @@ class RequestLog:
             outcome = generation.outcome
             if isinstance(outcome, TurnResult):
                 usage = outcome.usage
-                fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                              cached_tokens=usage.cached_tokens, finish=outcome.finish_reason,
-                              ttft_ms=_ms(outcome.ttft_s), tpot_ms=_ms(outcome.tpot_s))
+                fields.update(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens,
+                    finish=outcome.finish_reason,
+                    ttft_ms=_ms(outcome.ttft_s),
+                    tpot_ms=_ms(outcome.tpot_s),
+                )
             else:  # failed, or the client left before the turn ended: what the worker has done so far
                 g = generation
                 n_out = len(g.output_ids)
-                fields.update(prompt_tokens=g.n_fed, completion_tokens=n_out, cached_tokens=g.cached_tokens,
-                              finish="error" if outcome is not None else
-                              "disconnected" if response["disconnected"] else "unfinished")
+                fields.update(
+                    prompt_tokens=g.n_fed,
+                    completion_tokens=n_out,
+                    cached_tokens=g.cached_tokens,
+                    finish="error"
+                    if outcome is not None
+                    else "disconnected"
+                    if response["disconnected"]
+                    else "unfinished",
+                )
                 if g.first_token_at:
                     fields["ttft_ms"] = _ms(g.first_token_at - g.submitted_at)
                 if n_out > 1:
@@ -295,8 +335,11 @@ class RequestLog:
         if cause is not None:
             fields["cause"] = _redact(cause, session_id)
         path = scope["path"]
-        if isinstance(generation.outcome if generation else None, GenerationError) or \
-                (status >= 500 and status != 503) or error == "internal_error":
+        if (
+            isinstance(generation.outcome if generation else None, GenerationError)
+            or (status >= 500 and status != 503)
+            or error == "internal_error"
+        ):
             level = logging.ERROR
         elif path in PROBE_PATHS:
             level = logging.DEBUG
@@ -383,11 +426,20 @@ class BodyLimit:
         await self._app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        content = json.dumps({"error": {"message": f"request body over {self._max_bytes} bytes",
-                                        "type": "body_too_large", "code": 413}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(content)).encode()), (b"connection", b"close")]})
+        content = json.dumps(
+            {"error": {"message": f"request body over {self._max_bytes} bytes", "type": "body_too_large", "code": 413}}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(content)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": content})
 
 

@@ -23,8 +23,27 @@ from prometheus_client.registry import Collector
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0)
 SNAPSHOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-REQUEST_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
-                     160.0, 320.0, 640.0)
+REQUEST_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
+)
 """End-to-end, queue, prefill and decode times: from a queued turn that starts at once to a long reply on a CPU."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
@@ -51,38 +70,63 @@ class Metrics:
         GCCollector(registry=self.registry)
         r = self.registry
         self.kv_cache_tokens = Gauge("h2o_kv_cache_tokens", "KV cache tokens kept over live sessions", registry=r)
-        self.kv_cache_bytes = Gauge("h2o_kv_cache_bytes", "Session memory: bytes the resident sessions' KV caches "
-                                    "hold (stored keys and values, scales, scores, positions)", registry=r)
-        self.kv_pool_bytes = Gauge("h2o_kv_pool_bytes", "Bytes of the batching pool's shared KV cache: the rows of "
-                                   "the sessions decoding in it and their decoded working copy", registry=r)
+        self.kv_cache_bytes = Gauge(
+            "h2o_kv_cache_bytes",
+            "Session memory: bytes the resident sessions' KV caches "
+            "hold (stored keys and values, scales, scores, positions)",
+            registry=r,
+        )
+        self.kv_pool_bytes = Gauge(
+            "h2o_kv_pool_bytes",
+            "Bytes of the batching pool's shared KV cache: the rows of "
+            "the sessions decoding in it and their decoded working copy",
+            registry=r,
+        )
         self.sessions_active = Gauge("h2o_sessions_active", "Sessions resident in memory", registry=r)
         self.sessions_stored = Gauge("h2o_sessions_stored", "Sessions with a snapshot on disk", registry=r)
-        self.sessions_restored = Counter("h2o_sessions_restored", "Sessions loaded back from their snapshot",
-                                         registry=r)
-        self.sessions_evicted = Counter("h2o_sessions_evicted", "Idle sessions dropped from memory (kept on disk)",
-                                        registry=r)
+        self.sessions_restored = Counter(
+            "h2o_sessions_restored", "Sessions loaded back from their snapshot", registry=r
+        )
+        self.sessions_evicted = Counter(
+            "h2o_sessions_evicted", "Idle sessions dropped from memory (kept on disk)", registry=r
+        )
         self.sessions_expired = Counter("h2o_sessions_expired", "Sessions deleted after their idle TTL", registry=r)
-        self.snapshot_write_seconds = Histogram("h2o_snapshot_write_seconds", "Time to write one session snapshot "
-                                                "durably", buckets=SNAPSHOT_BUCKETS_S, registry=r)
+        self.snapshot_write_seconds = Histogram(
+            "h2o_snapshot_write_seconds",
+            "Time to write one session snapshot durably",
+            buckets=SNAPSHOT_BUCKETS_S,
+            registry=r,
+        )
         self.conversation_reuse = Counter(
-            "h2o_conversation_reuse", "Stateless OpenAI requests by how their conversation was found: hit (a stored "
+            "h2o_conversation_reuse",
+            "Stateless OpenAI requests by how their conversation was found: hit (a stored "
             "session continued, only the new turn fed), miss (a new conversation), rebuild (a history no session "
             "holds as it is now: a regenerate, an edit, another replica's chat; prefilled into a new session)",
-            ["outcome"], registry=r)
+            ["outcome"],
+            registry=r,
+        )
         for outcome in ("hit", "miss", "rebuild"):
             self.conversation_reuse.labels(outcome)
-        self.snapshot_errors = Counter("h2o_snapshot_errors", "Snapshots that failed to write or to verify",
-                                       ["kind"], registry=r)
+        self.snapshot_errors = Counter(
+            "h2o_snapshot_errors", "Snapshots that failed to write or to verify", ["kind"], registry=r
+        )
         for kind in ("write", "corrupt"):
             self.snapshot_errors.labels(kind)
-        self.gpu_allocated = Gauge("h2o_gpu_memory_allocated_bytes", "GPU memory allocated by tensors (0 on CPU)",
-                                   registry=r)
-        self.gpu_reserved = Gauge("h2o_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator (0 on CPU)",
-                                  registry=r)
-        self.ttft = Histogram("h2o_time_to_first_token_seconds", "Request arrival to first token",
-                              buckets=TTFT_BUCKETS_S, registry=r)
-        self.tpot = Histogram("h2o_time_per_output_token_seconds", "Mean time per output token after the first, "
-                              "one observation per request", buckets=TPOT_BUCKETS_S, registry=r)
+        self.gpu_allocated = Gauge(
+            "h2o_gpu_memory_allocated_bytes", "GPU memory allocated by tensors (0 on CPU)", registry=r
+        )
+        self.gpu_reserved = Gauge(
+            "h2o_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator (0 on CPU)", registry=r
+        )
+        self.ttft = Histogram(
+            "h2o_time_to_first_token_seconds", "Request arrival to first token", buckets=TTFT_BUCKETS_S, registry=r
+        )
+        self.tpot = Histogram(
+            "h2o_time_per_output_token_seconds",
+            "Mean time per output token after the first, one observation per request",
+            buckets=TPOT_BUCKETS_S,
+            registry=r,
+        )
         self.prompt_tokens = Counter("h2o_prompt_tokens", "Prompt tokens fed (turn deltas only)", registry=r)
         self.generation_tokens = Counter("h2o_generation_tokens", "Tokens sampled", registry=r)
         self.requests = Counter("h2o_requests", "Generation requests by outcome", ["outcome"], registry=r)
@@ -92,32 +136,62 @@ class Metrics:
         self.requests_waiting = Gauge("h2o_requests_waiting", "Generations queued for a slot", registry=r)
         self.cache_evictions = Counter("h2o_cache_evictions", "KV cache tokens evicted", registry=r)
         # After vLLM's set (vllm:e2e_request_latency_seconds, request_queue_time_seconds ...), per turn.
-        self.e2e_latency = Histogram("h2o_e2e_request_latency_seconds", "Turn submitted to its end (last token, "
-                                     "or cancelled), one observation per finished turn",
-                                     buckets=REQUEST_BUCKETS_S, registry=r)
-        self.queue_time = Histogram("h2o_request_queue_time_seconds", "Turn submitted to first scheduled (taken "
-                                    "from the waiting queue by the worker)", buckets=REQUEST_BUCKETS_S, registry=r)
-        self.prefill_time = Histogram("h2o_request_prefill_time_seconds", "First scheduled to first token (the "
-                                      "prompt's prefill)", buckets=REQUEST_BUCKETS_S, registry=r)
-        self.decode_time = Histogram("h2o_request_decode_time_seconds", "First token to last token of a turn",
-                                     buckets=REQUEST_BUCKETS_S, registry=r)
-        self.inter_token_latency = Histogram("h2o_inter_token_latency_seconds", "Time between two consecutive "
-                                             "tokens of a turn, observed for every token after the first",
-                                             buckets=TPOT_BUCKETS_S, registry=r)
-        self.decode_batch_size = Histogram("h2o_decode_batch_size", "Generations that sampled a token in one "
-                                           "scheduler step (batched, the decoding ones share one forward), one "
-                                           "observation per step that sampled any", buckets=BATCH_BUCKETS,
-                                           registry=r)
+        self.e2e_latency = Histogram(
+            "h2o_e2e_request_latency_seconds",
+            "Turn submitted to its end (last token, or cancelled), one observation per finished turn",
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "h2o_request_queue_time_seconds",
+            "Turn submitted to first scheduled (taken from the waiting queue by the worker)",
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.prefill_time = Histogram(
+            "h2o_request_prefill_time_seconds",
+            "First scheduled to first token (the prompt's prefill)",
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            "h2o_request_decode_time_seconds",
+            "First token to last token of a turn",
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "h2o_inter_token_latency_seconds",
+            "Time between two consecutive tokens of a turn, observed for every token after the first",
+            buckets=TPOT_BUCKETS_S,
+            registry=r,
+        )
+        self.decode_batch_size = Histogram(
+            "h2o_decode_batch_size",
+            "Generations that sampled a token in one "
+            "scheduler step (batched, the decoding ones share one forward), one "
+            "observation per step that sampled any",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.kv_cache_capacity_bytes = Gauge(
-            "h2o_kv_cache_capacity_bytes", "The KV bytes the configuration allows the resident sessions: resident "
+            "h2o_kv_cache_capacity_bytes",
+            "The KV bytes the configuration allows the resident sessions: resident "
             "session limit (H2O_MAX_RESIDENT_SESSIONS with a snapshot dir, else H2O_MAX_SESSIONS) x per-session "
             "maximum (H2O_MAX_SESSION_BYTES, else a full session of the default policy on the loaded model); 0 "
-            "while unknown", registry=r)
-        self.kv_cache_usage = Gauge("h2o_kv_cache_usage_ratio", "h2o_kv_cache_bytes / h2o_kv_cache_capacity_bytes "
-                                    "(NaN while the capacity is unknown; above 1 when sessions chose policies "
-                                    "larger than the default)", registry=r)
-        self.requests_rejected = Counter("h2o_requests_rejected", "Turns refused with Retry-After (429/503) by "
-                                         "reason", ["reason"], registry=r)
+            "while unknown",
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "h2o_kv_cache_usage_ratio",
+            "h2o_kv_cache_bytes / h2o_kv_cache_capacity_bytes "
+            "(NaN while the capacity is unknown; above 1 when sessions chose policies "
+            "larger than the default)",
+            registry=r,
+        )
+        self.requests_rejected = Counter(
+            "h2o_requests_rejected", "Turns refused with Retry-After (429/503) by reason", ["reason"], registry=r
+        )
         for reason in REJECTION_REASONS:
             self.requests_rejected.labels(reason)
         self.build_info = BuildInfo()
@@ -157,8 +231,11 @@ class BuildInfo(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         labels = self.labels()
-        family = GaugeMetricFamily("h2o_build_info", "The server's version, model, default cache policy and KV "
-                                   "storage, and device; always 1", labels=BUILD_INFO_LABELS)
+        family = GaugeMetricFamily(
+            "h2o_build_info",
+            "The server's version, model, default cache policy and KV storage, and device; always 1",
+            labels=BUILD_INFO_LABELS,
+        )
         family.add_metric([str(labels.get(name, "")) for name in BUILD_INFO_LABELS], 1.0)
         yield family
 

@@ -63,10 +63,13 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    logprobs: bool = Field(False, description="each token's log-probability under the model (before sampling "
-                           "settings)")
-    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="with `logprobs`: this many most likely "
-                              "tokens at each position, with theirs")
+    logprobs: bool = Field(False, description="each token's log-probability under the model (before sampling settings)")
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="with `logprobs`: this many most likely tokens at each position, with theirs",
+    )
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> SamplingFields:
@@ -80,23 +83,33 @@ class GenerateRequest(SamplingFields):
 
     message: str = Field(min_length=1)
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    system: str | None = Field(None, description="system prompt; only on a session's first turn (the server's "
-                               "max_message_chars applies, as to `message`)")
+    system: str | None = Field(
+        None,
+        description="system prompt; only on a session's first turn (the server's "
+        "max_message_chars applies, as to `message`)",
+    )
     stream: bool = True
-    policy: str | None = Field(None, max_length=MAX_POLICY_CHARS,
-                               description="cache policy, only when this request creates the session; a name may end "
-                               "in _<kv_dtype> (h2o_4_256_512_int8)")
-    kv_dtype: str | None = Field(None, max_length=MAX_KV_DTYPE_CHARS,
-                                 description="how the new session stores keys and values: auto (the model's dtype), "
-                                 "fp32, bf16, fp16, int8, k8v4 (int8 keys, int4 values) or int4; default: the policy "
-                                 "name's suffix, else the server's H2O_KV_DTYPE")
+    policy: str | None = Field(
+        None,
+        max_length=MAX_POLICY_CHARS,
+        description="cache policy, only when this request creates the session; a name may end "
+        "in _<kv_dtype> (h2o_4_256_512_int8)",
+    )
+    kv_dtype: str | None = Field(
+        None,
+        max_length=MAX_KV_DTYPE_CHARS,
+        description="how the new session stores keys and values: auto (the model's dtype), "
+        "fp32, bf16, fp16, int8, k8v4 (int8 keys, int4 values) or int4; default: the policy "
+        "name's suffix, else the server's H2O_KV_DTYPE",
+    )
 
 
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="prompt tokens fed in this turn (the new turn's delta)")
     completion_tokens: int
-    cached_tokens: int = Field(0, description="tokens of the conversation the session's cache had seen before this "
-                               "turn, not fed again")
+    cached_tokens: int = Field(
+        0, description="tokens of the conversation the session's cache had seen before this turn, not fed again"
+    )
 
 
 class TurnResult(BaseModel):
@@ -120,8 +133,10 @@ class Logprob(BaseModel):
 
 
 class TokenEvent(BaseModel):
-    text: str = Field(description="text this token adds to the reply (held back while it may start a stop string "
-                      "or ends inside a character)")
+    text: str = Field(
+        description="text this token adds to the reply (held back while it may start a stop string "
+        "or ends inside a character)"
+    )
     token_id: int
     logprob: Logprob | None = Field(None, description="with `logprobs`: the sampled token's")
     top_logprobs: list[Logprob] | None = Field(None, description="with `top_logprobs`: the most likely tokens")
@@ -136,8 +151,10 @@ class SessionInfo(BaseModel):
     cache_tokens_seen: int
     cache_budget: int | None
     evicted_tokens: int
-    cache_bytes: int = Field(description="bytes the session's cache holds (codes, scales, scores, positions; whole "
-                             "pages), as of its last step")
+    cache_bytes: int = Field(
+        description="bytes the session's cache holds (codes, scales, scores, positions; whole "
+        "pages), as of its last step"
+    )
     busy: bool
     created_at: float
     updated_at: float
@@ -160,8 +177,9 @@ def _join_text_parts(content: object) -> object:
         return content
     if len(content) > MAX_CONTENT_PARTS:
         raise ValueError(f"content has {len(content)} parts; at most {MAX_CONTENT_PARTS} are allowed")
-    if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-               for part in content):
+    if not all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
         raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
     return "".join(part["text"] for part in content)
 
@@ -171,14 +189,22 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Annotated[str, BeforeValidator(_join_text_parts)] = Field(
-        description="the server's max_message_chars applies to the messages used (the last, a leading system one)")
+        description="the server's max_message_chars applies to the messages used (the last, a leading system one)"
+    )
     name: str | None = Field(None, max_length=MAX_NAME_CHARS, description="ignored")
 
 
 UNSUPPORTED_OPENAI_FIELDS: dict[str, object] = {
-    "tools": [], "functions": [], "tool_choice": "none", "function_call": "none", "logit_bias": {},
-    "presence_penalty": 0, "frequency_penalty": 0, "audio": None,
-    "prediction": None, "web_search_options": None,
+    "tools": [],
+    "functions": [],
+    "tool_choice": "none",
+    "function_call": "none",
+    "logit_bias": {},
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "audio": None,
+    "prediction": None,
+    "web_search_options": None,
 }
 """OpenAI request fields this server does not implement, with the value that asks for nothing (accepted)."""
 
@@ -217,8 +243,9 @@ class OpenAIRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="one choice per request")
-    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="OpenAI's end-user id; ignored (it does "
-                             "not name a session)")
+    user: str | None = Field(
+        None, max_length=MAX_USER_CHARS, description="OpenAI's end-user id; ignored (it does not name a session)"
+    )
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -236,7 +263,8 @@ class CompletionRequest(OpenAIRequest):
     unsupported: ClassVar[dict[str, object]] = {**UNSUPPORTED_OPENAI_FIELDS, "suffix": "", "best_of": 1}
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="one prompt (a list of one string is accepted; token-id prompts are not)")
+        description="one prompt (a list of one string is accepted; token-id prompts are not)"
+    )
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LEGACY_LOGPROBS)

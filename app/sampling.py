@@ -51,8 +51,9 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     return _nucleus(values, ids, log_norm, params.top_p)
 
 
-def _nucleus(values: torch.Tensor, ids: torch.Tensor, log_norm: torch.Tensor,
-             top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _nucleus(
+    values: torch.Tensor, ids: torch.Tensor, log_norm: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Of candidates sorted best first (log-probabilities ``values - log_norm``), those reached while the mass
     before them is <= top_p, renormalised."""
     probs = (values - log_norm).exp()
@@ -68,8 +69,7 @@ def logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tu
     return float(log_probs[token]), list(zip(ids.tolist(), values.tolist()))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           suppress_ids: list[int]) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, suppress_ids: list[int]) -> int:
     """Pick the next token from `logits` (vocab,): greedy when temperature is 0, else a draw from `generator`
     among `candidates`. `suppress_ids` can never be picked."""
     if suppress_ids:

@@ -17,8 +17,18 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from app.chat import CONTEXT_MESSAGES, Message
-from app.snapshots import (ANYONE, SessionRecord, Signature, Snapshot, SnapshotCorruptError, SnapshotStore,
-                           SnapshotWriter, TranscriptRef, encode_transcript, file_stem)
+from app.snapshots import (
+    ANYONE,
+    SessionRecord,
+    Signature,
+    Snapshot,
+    SnapshotCorruptError,
+    SnapshotStore,
+    SnapshotWriter,
+    TranscriptRef,
+    encode_transcript,
+    file_stem,
+)
 from h2o_cache import CachePolicy, cache_state
 
 if TYPE_CHECKING:
@@ -27,8 +37,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FIELDS = ("id", "owner", "turns", "cache_tokens", "cache_tokens_seen", "cache_bytes", "evicted_tokens",
-                  "created_at", "updated_at", "conversation_key")
+SUMMARY_FIELDS = (
+    "id",
+    "owner",
+    "turns",
+    "cache_tokens",
+    "cache_tokens_seen",
+    "cache_bytes",
+    "evicted_tokens",
+    "created_at",
+    "updated_at",
+    "conversation_key",
+)
 
 
 @dataclass
@@ -93,7 +113,7 @@ class Session:
     @property
     def unsaved(self) -> list[Message]:
         """Messages not in the transcript file yet."""
-        return self.history[len(self.history) - (self.message_count - self.transcript.messages):]
+        return self.history[len(self.history) - (self.message_count - self.transcript.messages) :]
 
     def to_record(self) -> tuple[SessionRecord, bytes, bytes]:
         """Everything that makes a continuation identical: the JSON state, a safetensors file's bytes and the
@@ -108,13 +128,24 @@ class Session:
         unsaved = self.unsaved
         lines = encode_transcript(unsaved)
         record = SessionRecord(
-            id=self.id, owner=self.owner, policy=self.policy, system=self.system,
-            history=self.history[-(len(unsaved) + CONTEXT_MESSAGES):], message_count=self.message_count,
+            id=self.id,
+            owner=self.owner,
+            policy=self.policy,
+            system=self.system,
+            history=self.history[-(len(unsaved) + CONTEXT_MESSAGES) :],
+            message_count=self.message_count,
             transcript=TranscriptRef(messages=self.message_count, bytes=self.transcript.bytes + len(lines)),
-            fed_prompt=self.fed_prompt, fed_reply=self.fed_reply, conversation_key=self.conversation_key,
-            pending_ids=self.pending_ids, cache=cache_meta,
-            turns=self.turns, cache_tokens=self.cache_tokens, cache_tokens_seen=self.cache_tokens_seen,
-            cache_bytes=self.cache_bytes, evicted_tokens=self.evicted_tokens, created_at=self.created_at,
+            fed_prompt=self.fed_prompt,
+            fed_reply=self.fed_reply,
+            conversation_key=self.conversation_key,
+            pending_ids=self.pending_ids,
+            cache=cache_meta,
+            turns=self.turns,
+            cache_tokens=self.cache_tokens,
+            cache_tokens_seen=self.cache_tokens_seen,
+            cache_bytes=self.cache_bytes,
+            evicted_tokens=self.evicted_tokens,
+            created_at=self.created_at,
             updated_at=self.updated_at,
         )
         return record, save_tensors(tensors) if tensors else b"", lines
@@ -122,26 +153,41 @@ class Session:
     def saved(self, record: SessionRecord) -> None:
         """`record` is on disk: its messages are in the transcript file, and memory keeps only the last few."""
         self.transcript = record.transcript
-        self.history = self.history[-(CONTEXT_MESSAGES + self.message_count - record.transcript.messages):]
+        self.history = self.history[-(CONTEXT_MESSAGES + self.message_count - record.transcript.messages) :]
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> Session:
         r = snapshot.record
         return cls(
-            id=r.id, policy=r.policy, system=r.system, owner=r.owner, history=list(r.history),
-            message_count=r.message_count, transcript=r.transcript, fed_prompt=r.fed_prompt, fed_reply=r.fed_reply,
+            id=r.id,
+            policy=r.policy,
+            system=r.system,
+            owner=r.owner,
+            history=list(r.history),
+            message_count=r.message_count,
+            transcript=r.transcript,
+            fed_prompt=r.fed_prompt,
+            fed_reply=r.fed_reply,
             conversation_key=r.conversation_key,
             pending_ids=list(r.pending_ids),
             saved_cache=(snapshot.tensors, r.cache) if r.cache is not None else None,
-            turns=r.turns, cache_tokens=r.cache_tokens, cache_tokens_seen=r.cache_tokens_seen,
-            cache_bytes=r.cache_bytes, evicted_tokens=r.evicted_tokens, created_at=r.created_at,
-            updated_at=r.updated_at, persisted=True,
+            turns=r.turns,
+            cache_tokens=r.cache_tokens,
+            cache_tokens_seen=r.cache_tokens_seen,
+            cache_bytes=r.cache_bytes,
+            evicted_tokens=r.evicted_tokens,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            persisted=True,
         )
 
     def summary(self) -> dict[str, Any]:
         """What listing a session needs (see `stored_summary` for one that is only on disk)."""
-        return {**{name: getattr(self, name) for name in SUMMARY_FIELDS}, "policy": self.policy,
-                "busy": self.active is not None}
+        return {
+            **{name: getattr(self, name) for name in SUMMARY_FIELDS},
+            "policy": self.policy,
+            "busy": self.active is not None,
+        }
 
 
 def stored_summary(record: SessionRecord) -> dict[str, Any]:
@@ -170,9 +216,15 @@ class SessionStore:
     indexed, and replaces an idle copy in memory, which would be older; a snapshot deleted elsewhere is forgotten.
     """
 
-    def __init__(self, max_sessions: int, ttl_s: float, max_resident: int | None = None,
-                 snapshots: SnapshotStore | None = None, metrics: Metrics | None = None,
-                 max_per_owner: int | None = None) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        ttl_s: float,
+        max_resident: int | None = None,
+        snapshots: SnapshotStore | None = None,
+        metrics: Metrics | None = None,
+        max_per_owner: int | None = None,
+    ) -> None:
         self._max_sessions = max_sessions
         self._max_per_owner = max_per_owner
         self._ttl_s = ttl_s
@@ -211,8 +263,12 @@ class SessionStore:
                 self._damaged(stem, found, marker)
             else:
                 self._stored[found.id] = stored_summary(found)
-        logger.info("%d session snapshots found in %s (%d corrupt)", len(self._stored),
-                    self._snapshots.directory, len(self._corrupt))
+        logger.info(
+            "%d session snapshots found in %s (%d corrupt)",
+            len(self._stored),
+            self._snapshots.directory,
+            len(self._corrupt),
+        )
         self._writer.start()
 
     def close(self) -> None:
@@ -292,8 +348,10 @@ class SessionStore:
         self._signatures.pop(stem, None)
         if signature is None:
             if self._snapshots.quarantined(stem) and (marker := self._snapshots.owner(stem)) is not None:
-                self._corrupt[stem] = (SnapshotCorruptError(f"the snapshot of {session_id!r} was quarantined as "
-                                                            "damaged"), _owner(marker))
+                self._corrupt[stem] = (
+                    SnapshotCorruptError(f"the snapshot of {session_id!r} was quarantined as damaged"),
+                    _owner(marker),
+                )
             return
         try:
             record = self._snapshots.read_record(session_id)
@@ -339,8 +397,10 @@ class SessionStore:
             raise SessionLimitError(f"{self._max_sessions} sessions exist; delete one or retry later")
         if self._max_per_owner is not None and session.owner is not None:
             if owners.count(session.owner) >= self._max_per_owner:
-                raise SessionLimitError(f"this API key has {self._max_per_owner} sessions (H2O_MAX_SESSIONS_PER_KEY);"
-                                        " delete one or retry after they expire")
+                raise SessionLimitError(
+                    f"this API key has {self._max_per_owner} sessions (H2O_MAX_SESSIONS_PER_KEY);"
+                    " delete one or retry after they expire"
+                )
         self._evict(room=1)
         self._resident[session.id] = session
 
@@ -359,8 +419,9 @@ class SessionStore:
                 self.refresh(session_id)
                 if self._metrics is not None:
                     self._metrics.snapshot_errors.labels("write").inc()
-                raise SnapshotDeleteError(f"the snapshot of session {session_id!r} could not be removed ({exc}); "
-                                          "the session still exists") from exc
+                raise SnapshotDeleteError(
+                    f"the snapshot of session {session_id!r} could not be removed ({exc}); the session still exists"
+                ) from exc
         return session
 
     def _pop(self, session_id: str) -> tuple[Session | None, Future | None]:
@@ -407,8 +468,9 @@ class SessionStore:
         saved = await asyncio.to_thread(self._snapshots.read_transcript, session.id, session.transcript)
         return saved + unsaved
 
-    def _saved(self, session: Session, record: SessionRecord, signature: Signature | None,
-               error: Exception | None) -> None:
+    def _saved(
+        self, session: Session, record: SessionRecord, signature: Signature | None, error: Exception | None
+    ) -> None:
         if error is not None:  # the turn is not acknowledged, so it is not kept: the next use reads what is on disk
             session.persisted = False
             self.write_error = f"{type(error).__name__}: {error}"
@@ -451,8 +513,11 @@ class SessionStore:
 
         def idle_ids() -> list[str]:
             ids = [s.id for s in self._resident.values() if s.active is None and s.updated_at < horizon]
-            return ids + [sid for sid, summary in self._stored.items()
-                          if sid not in self._resident and summary["updated_at"] < horizon]
+            return ids + [
+                sid
+                for sid, summary in self._stored.items()
+                if sid not in self._resident and summary["updated_at"] < horizon
+            ]
 
         for session_id in idle_ids():
             self.refresh(session_id)

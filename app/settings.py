@@ -28,20 +28,32 @@ class Settings(BaseSettings):
 
     model: str = Field("smollm2", description="'smollm2' (bundled GGUF) or an HF id / local path")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda when available")
-    dtype: str | None = Field(None, description="fp32, bf16, fp16, int8 (weight-only Linear, CPU) or auto; default: "
-                              "fp32 on CPU, fp16 on CUDA")
+    dtype: str | None = Field(
+        None, description="fp32, bf16, fp16, int8 (weight-only Linear, CPU) or auto; default: fp32 on CPU, fp16 on CUDA"
+    )
 
-    policy: str = Field("h2o_4_280_560", description="cache policy of sessions that do not pick one (with H2O_KV_DTYPE: benchmarks/README.md, bytes per conversation)")
+    policy: str = Field(
+        "h2o_4_280_560",
+        description="cache policy of sessions that do not pick one (with H2O_KV_DTYPE: benchmarks/README.md, bytes "
+        "per conversation)",
+    )
     policy_slack: int = Field(64, ge=0, description="tokens a cache may overshoot its capacity before eviction")
     max_policy_tokens: int = Field(8192, ge=1, description="largest capacity + slack a session may ask for")
     allow_full_policy: bool = Field(False, description="allow the unbounded 'full' policy")
-    kv_dtype: str = Field(DEFAULT_KV_DTYPE, description="KV storage of sessions whose policy name has no "
-                          f"_<kv_dtype> suffix and whose request names none: {', '.join(KV_DTYPES)}")
+    kv_dtype: str = Field(
+        DEFAULT_KV_DTYPE,
+        description="KV storage of sessions whose policy name has no "
+        f"_<kv_dtype> suffix and whose request names none: {', '.join(KV_DTYPES)}",
+    )
     allowed_kv_dtypes: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: list(KV_DTYPES), description="comma-separated KV storages a session may choose")
+        default_factory=lambda: list(KV_DTYPES), description="comma-separated KV storages a session may choose"
+    )
     max_session_bytes: int | None = Field(
-        None, ge=1, description="largest KV cache a session may ask for, full size (h2o_cache.budget."
-        "session_nbytes for the loaded model); none: only max_policy_tokens bounds it")
+        None,
+        ge=1,
+        description="largest KV cache a session may ask for, full size (h2o_cache.budget."
+        "session_nbytes for the loaded model); none: only max_policy_tokens bounds it",
+    )
 
     max_message_chars: int = Field(32_000, ge=1, description="longer messages get 413")
     max_new_tokens: int = Field(2048, ge=1, description="upper limit of a request's max_new_tokens")
@@ -50,21 +62,32 @@ class Settings(BaseSettings):
     max_waiting: int = Field(64, ge=0, description="queued generations beyond max_running; more get 429")
     max_sessions: int = Field(1024, ge=1, description="sessions (in memory or on disk); creating more gets 429")
     max_sessions_per_key: int | None = Field(
-        None, ge=1, description="sessions one API key may hold (in memory or on disk); more get 429, so one key "
-        "cannot fill H2O_MAX_SESSIONS for the others (none: no per-key limit)")
+        None,
+        ge=1,
+        description="sessions one API key may hold (in memory or on disk); more get 429, so one key "
+        "cannot fill H2O_MAX_SESSIONS for the others (none: no per-key limit)",
+    )
     session_ttl_s: float = Field(3600.0, ge=0, description="idle sessions older than this are deleted (0: never)")
     snapshot_dir: str | None = Field(None, description="persist sessions here after every turn (none: in memory)")
     max_resident_sessions: int | None = Field(
-        None, ge=1, description="with snapshot_dir: sessions kept in memory, the least recently used idle ones "
-        "leave first (default: max_sessions)")
-    shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGTERM, streams may finish this long, then are "
-                                    "cancelled (their partial turn is kept)")
+        None,
+        ge=1,
+        description="with snapshot_dir: sessions kept in memory, the least recently used idle ones "
+        "leave first (default: max_sessions)",
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="on SIGTERM, streams may finish this long, then are cancelled (their partial turn is kept)",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
-    max_requests_per_key: int = Field(16, ge=1, description="with API keys: generations in flight per key; more "
-                                      "get 429")
+    max_requests_per_key: int = Field(
+        16, ge=1, description="with API keys: generations in flight per key; more get 429"
+    )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens per scheduler step, so prefill interleaves")
-    batching: bool = Field(True, description="one batched forward per step over all decoding sessions (false: "
-                           "one forward per session)")
+    batching: bool = Field(
+        True, description="one batched forward per step over all decoding sessions (false: one forward per session)"
+    )
     max_batch: int = Field(16, ge=1, description="rows of the batched cache pool; more decoding sessions run alone")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
     sse_ping_s: float = Field(15.0, gt=0, description="keep-alive comment interval on event streams")
@@ -77,8 +100,10 @@ class Settings(BaseSettings):
     replica_name: str = Field(default_factory=socket.gethostname, description="sent as X-H2O-Replica")
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field(
-        "text", description="text: readable lines; json: one JSON object per line (every logger, the request log "
-        "included) for log collectors")
+        "text",
+        description="text: readable lines; json: one JSON object per line (every logger, the request log "
+        "included) for log collectors",
+    )
 
     @field_validator("api_keys", "allowed_kv_dtypes", mode="before")
     @classmethod

@@ -132,8 +132,9 @@ def _canonical(body: Any) -> bytes:
 
 def encode_transcript(messages: list[Message]) -> bytes:
     """Transcript lines: each message with a checksum of its own, so damage anywhere is found when it is read."""
-    return b"".join(_canonical({"message": m, "sha256": hashlib.sha256(_canonical(m)).hexdigest()[:16]}) + b"\n"
-                    for m in messages)
+    return b"".join(
+        _canonical({"message": m, "sha256": hashlib.sha256(_canonical(m)).hexdigest()[:16]}) + b"\n" for m in messages
+    )
 
 
 def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +144,13 @@ def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
     messages, fed = state.pop("messages"), state.pop("fed_text")
     reply = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
     split = fed.rfind(reply) if reply else -1
-    state.update(history=messages, message_count=len(messages), transcript={"messages": 0, "bytes": 0},
-                 fed_prompt=fed[:split] if split >= 0 else fed, fed_reply=fed[split:] if split >= 0 else "")
+    state.update(
+        history=messages,
+        message_count=len(messages),
+        transcript={"messages": 0, "bytes": 0},
+        fed_prompt=fed[:split] if split >= 0 else fed,
+        fed_reply=fed[split:] if split >= 0 else "",
+    )
     return state
 
 
@@ -171,8 +177,7 @@ class SnapshotStore:
 
     def _commit(self, stem: str, record: SessionRecord, tensor_bytes: bytes, transcript: bytes) -> None:
         self._mark_owner(stem, record.owner)
-        self._append(self.directory / f"{stem}.transcript.jsonl", record.transcript.bytes - len(transcript),
-                     transcript)
+        self._append(self.directory / f"{stem}.transcript.jsonl", record.transcript.bytes - len(transcript), transcript)
         tensors = None
         if tensor_bytes:
             digest = hashlib.sha256(tensor_bytes).hexdigest()
@@ -212,19 +217,24 @@ class SnapshotStore:
         record, ref = self._read_session_body(session_id)
         tensors: dict[str, torch.Tensor] = {}
         if ref is not None:
-            if not isinstance(ref, dict) or not re.fullmatch(rf"{file_stem(session_id)}\.[0-9a-f]{{16}}\.safetensors",
-                                                             str(ref.get("file"))):
-                raise SnapshotCorruptError(f"snapshot of {session_id!r} names tensor file "
-                                           f"{ref.get('file') if isinstance(ref, dict) else ref!r}, not one of its "
-                                           "own in the snapshot directory")
+            if not isinstance(ref, dict) or not re.fullmatch(
+                rf"{file_stem(session_id)}\.[0-9a-f]{{16}}\.safetensors", str(ref.get("file"))
+            ):
+                raise SnapshotCorruptError(
+                    f"snapshot of {session_id!r} names tensor file "
+                    f"{ref.get('file') if isinstance(ref, dict) else ref!r}, not one of its "
+                    "own in the snapshot directory"
+                )
             path = self.directory / ref["file"]
             try:
                 data = path.read_bytes()
             except FileNotFoundError as exc:
                 raise SnapshotCorruptError(f"snapshot tensor file {ref['file']} is missing") from exc
             if len(data) != ref.get("bytes") or hashlib.sha256(data).hexdigest() != ref.get("sha256"):
-                raise SnapshotCorruptError(f"snapshot tensor file {ref['file']} fails its checksum "
-                                           f"({len(data)} bytes, {ref.get('bytes')} expected): truncated or damaged")
+                raise SnapshotCorruptError(
+                    f"snapshot tensor file {ref['file']} fails its checksum "
+                    f"({len(data)} bytes, {ref.get('bytes')} expected): truncated or damaged"
+                )
             try:
                 tensors = load_tensors(data)
             except Exception as exc:  # checksum matched but the content is not safetensors: a bad writer
@@ -243,8 +253,9 @@ class SnapshotStore:
             raise SnapshotCorruptError(f"transcript {name} is missing") from exc
         lines = data.split(b"\n")
         if len(data) != ref.bytes or lines[-1] != b"" or len(lines) - 1 != ref.messages:
-            raise SnapshotCorruptError(f"transcript {name} is truncated or damaged ({len(data)} bytes, "
-                                       f"{ref.bytes} expected)")
+            raise SnapshotCorruptError(
+                f"transcript {name} is truncated or damaged ({len(data)} bytes, {ref.bytes} expected)"
+            )
         messages = []
         for number, line in enumerate(lines[:-1], 1):
             try:
@@ -263,16 +274,26 @@ class SnapshotStore:
         marker last, so the id stays its owner's until everything else is gone."""
         stem = file_stem(session_id)
         (self.directory / f"{stem}.json").unlink(missing_ok=True)
-        for path in [*self.directory.glob(f"{stem}.*.safetensors"), self.directory / f"{stem}.transcript.jsonl",
-                     *self.directory.glob(f"{stem}.*.owner")]:
+        for path in [
+            *self.directory.glob(f"{stem}.*.safetensors"),
+            self.directory / f"{stem}.transcript.jsonl",
+            *self.directory.glob(f"{stem}.*.owner"),
+        ]:
             path.unlink(missing_ok=True)
         self._fsync_directory()
 
     def quarantine(self, stem: str) -> Path | None:
         """Move a damaged snapshot's files (not its owner marker) aside into `quarantine/`, for an operator to
         look at; the path they went to, or None if there was nothing to move."""
-        files = [p for p in [self.directory / f"{stem}.json", self.directory / f"{stem}.transcript.jsonl",
-                             *self.directory.glob(f"{stem}.*.safetensors")] if p.exists()]
+        files = [
+            p
+            for p in [
+                self.directory / f"{stem}.json",
+                self.directory / f"{stem}.transcript.jsonl",
+                *self.directory.glob(f"{stem}.*.safetensors"),
+            ]
+            if p.exists()
+        ]
         if not files:
             return None
         target = self.directory / QUARANTINE / f"{stem}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
@@ -314,10 +335,16 @@ class SnapshotStore:
                 live.add(stem)
                 yield stem, self.owner(stem), SnapshotCorruptError(f"snapshot {stem} was quarantined as damaged")
         horizon = time.time() - LEFTOVER_AGE_S
-        leftovers = [*self.directory.glob(".*.tmp"),
-                     *(p for p in self.directory.glob("*.safetensors") if p.name not in kept_tensors),
-                     *(p for pattern in ("*.transcript.jsonl", "*.owner") for p in self.directory.glob(pattern)
-                       if p.name.split(".", 1)[0] not in live)]
+        leftovers = [
+            *self.directory.glob(".*.tmp"),
+            *(p for p in self.directory.glob("*.safetensors") if p.name not in kept_tensors),
+            *(
+                p
+                for pattern in ("*.transcript.jsonl", "*.owner")
+                for p in self.directory.glob(pattern)
+                if p.name.split(".", 1)[0] not in live
+            ),
+        ]
         for path in leftovers:
             try:
                 if path.stat().st_mtime < horizon:
@@ -355,24 +382,31 @@ class SnapshotStore:
             body = document["body"]
             valid = hashlib.sha256(_canonical(body)).hexdigest() == document["sha256"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise SnapshotCorruptError(f"snapshot {path.name} is not a snapshot document "
-                                       f"({len(raw)} bytes): truncated or damaged") from exc
+            raise SnapshotCorruptError(
+                f"snapshot {path.name} is not a snapshot document ({len(raw)} bytes): truncated or damaged"
+            ) from exc
         if not valid:
             raise SnapshotCorruptError(f"snapshot {path.name} fails its checksum: damaged")
         if not isinstance(body, dict) or body.get("format") not in (1, FORMAT_VERSION):
-            raise SnapshotUnsupportedError(f"snapshot {path.name} has format "
-                                           f"{body.get('format') if isinstance(body, dict) else None!r}, this server "
-                                           f"reads 1 and {FORMAT_VERSION}: a newer version wrote it")
+            raise SnapshotUnsupportedError(
+                f"snapshot {path.name} has format "
+                f"{body.get('format') if isinstance(body, dict) else None!r}, this server "
+                f"reads 1 and {FORMAT_VERSION}: a newer version wrote it"
+            )
         try:
             state = body["session"]
             if body["format"] == 1:
                 state = _upgrade_v1(state)
             return SessionRecord.model_validate(state), body["tensors"]
         except (ValidationError, KeyError, TypeError, AttributeError, IndexError) as exc:
-            detail = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'session'}: {e['msg']}" for e in exc.errors()[:3])
-            raise SnapshotCorruptError(f"snapshot {path.name} does not match the format {body['format']} schema "
-                                       f"({detail})") from exc
+            detail = (
+                str(exc).splitlines()[0]
+                if not isinstance(exc, ValidationError)
+                else "; ".join(f"{'.'.join(map(str, e['loc'])) or 'session'}: {e['msg']}" for e in exc.errors()[:3])
+            )
+            raise SnapshotCorruptError(
+                f"snapshot {path.name} does not match the format {body['format']} schema ({detail})"
+            ) from exc
 
     def _mark_owner(self, stem: str, owner: str | None) -> None:
         """Write the owner marker (the API checks ownership before a session is created or used, so another
@@ -401,7 +435,7 @@ class SnapshotStore:
                 os.lseek(fd, committed, os.SEEK_SET)
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except BaseException:
                 os.ftruncate(fd, committed)
@@ -442,9 +476,11 @@ class SnapshotWriter:
         self._thread = threading.Thread(target=self._run, name="h2o-snapshots", daemon=True)
         self._thread.start()
 
-    def save(self, record: SessionRecord, tensor_bytes: bytes, transcript: bytes,
-             done: Callable[[Exception | None], None]) -> None:
+    def save(
+        self, record: SessionRecord, tensor_bytes: bytes, transcript: bytes, done: Callable[[Exception | None], None]
+    ) -> None:
         """Queue a save; `done(error)` is called on the writer thread once it is durable (or failed)."""
+
         def job() -> None:
             try:
                 self._store.save(record, tensor_bytes, transcript)

@@ -50,8 +50,9 @@ class TextStream:
         return self.text[: self._emitted] if self.stopped else self.text
 
     def _release(self, final: bool) -> str:
-        hit = min((i for i in (self.text.find(s, max(0, self._emitted - len(s))) for s in self._stop) if i >= 0),
-                  default=-1)
+        hit = min(
+            (i for i in (self.text.find(s, max(0, self._emitted - len(s))) for s in self._stop) if i >= 0), default=-1
+        )
         if hit >= 0:
             self.stopped = True
             end = hit

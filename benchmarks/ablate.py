@@ -24,8 +24,13 @@ def phase1_grid(smoke: bool) -> list[tuple[str, dict]]:
     """Capacity 256 (sink 4): recent 32..192 with mean scores, 32/128/192 with summed scores. The split at
     capacity 512 is swept in the main table run (benchmarks/README.md says why)."""
     if smoke:
-        return [("baseline", {}), ("streaming_4_64", {}), ("h2o_4_16_64", {"score_mode": "sum"}),
-                ("h2o_4_16_64", {"score_mode": "mean"}), ("h2o_4_32_64", {"score_mode": "mean"})]
+        return [
+            ("baseline", {}),
+            ("streaming_4_64", {}),
+            ("h2o_4_16_64", {"score_mode": "sum"}),
+            ("h2o_4_16_64", {"score_mode": "mean"}),
+            ("h2o_4_32_64", {"score_mode": "mean"}),
+        ]
     grid = [("baseline", {}), ("streaming_4_256", {})]
     grid += [(f"h2o_4_{r}_256", {"score_mode": "mean"}) for r in (32, 64, 128, 192)]
     grid += [(f"h2o_4_{r}_256", {"score_mode": "sum"}) for r in (32, 128, 192)]
@@ -77,8 +82,10 @@ def main(argv=None) -> None:
 
     anchor = best[caps[0]]
     sink, recent, cap = (int(x) for x in anchor["policy"].split("_")[1:])
-    phase2_grid = [(f"h2o_8_{recent}_{cap}", dict(anchor["options"])),
-                   (anchor["policy"], {**anchor["options"], "rolling": False})]
+    phase2_grid = [
+        (f"h2o_8_{recent}_{cap}", dict(anchor["options"])),
+        (anchor["policy"], {**anchor["options"], "rolling": False}),
+    ]
     phase2 = run(make_specs(args, phase2_grid), args, rows, args.step, args.tokens, "phase2")
 
     slack_rows = expand_texts(args.slack_texts)
@@ -86,16 +93,32 @@ def main(argv=None) -> None:
     specs = make_specs(args, phase3_grid)
     with Pool(specs, inline=args.inline) as pool:
         phase3 = ppl_pass(pool, slack_rows, args.slack_tokens, 1, desc="phase3 slack")
-        timing = timing_pass(pool, slack_rows[0], 128 if args.smoke else 512, 8 if args.smoke else 64,
-                             1 if args.smoke else 3, desc="phase3 timing")
+        timing = timing_pass(
+            pool,
+            slack_rows[0],
+            128 if args.smoke else 512,
+            8 if args.smoke else 64,
+            1 if args.smoke else 3,
+            desc="phase3 timing",
+        )
     phase3 = [{**q, **t} for q, t in zip(phase3, timing)]
 
     out = report.out_dir(args)
     text = render(phase1, phase2, phase3, best, rows, slack_rows, args)
     (out / "ablations.md").write_text(text)
-    report.write_json(out / "ablations.json", {
-        "meta": report.meta(args, start), "args": vars(args), "rows": rows, "slack_rows": slack_rows,
-        "best": {str(c): r["config"] for c, r in best.items()}, "phase1": phase1, "phase2": phase2, "phase3": phase3})
+    report.write_json(
+        out / "ablations.json",
+        {
+            "meta": report.meta(args, start),
+            "args": vars(args),
+            "rows": rows,
+            "slack_rows": slack_rows,
+            "best": {str(c): r["config"] for c, r in best.items()},
+            "phase1": phase1,
+            "phase2": phase2,
+            "phase3": phase3,
+        },
+    )
     print(text)
 
 
@@ -110,8 +133,11 @@ def render(phase1, phase2, phase3, best, rows, slack_rows, args) -> str:
     text += f"{'one token' if args.step == 1 else f'{args.step} tokens'} per forward after the prefix)\n\n"
     text += "## Phase 1: score mode x recent/heavy split (sink 4)\n\n"
     text += report.markdown_table(cols, _ppl_cols(phase1, groups))
-    text += "\nBest split per capacity (lowest mean NLL): " + ", ".join(
-        f"{c}: **{r['config']}**" for c, r in best.items()) + "\n\n"
+    text += (
+        "\nBest split per capacity (lowest mean NLL): "
+        + ", ".join(f"{c}: **{r['config']}**" for c, r in best.items())
+        + "\n\n"
+    )
     text += "## Phase 2: sinks and rolling around the best capacity-256 split\n\n"
     anchor = best[min(best)]
     text += report.markdown_table(cols, _ppl_cols([anchor] + phase2, groups))
@@ -119,7 +145,8 @@ def render(phase1, phase2, phase3, best, rows, slack_rows, args) -> str:
     slack_groups = list(phase3[0]["group_ppl"])
     text += report.markdown_table(
         ["Config"] + [f"{g} PPL" for g in slack_groups] + ["TPOT (ms)", "Avg Attn (ms)"],
-        [[r["config"]] + [r["group_ppl"][g] for g in slack_groups] + [r["tpot_ms"], r["attn_ms"]] for r in phase3])
+        [[r["config"]] + [r["group_ppl"][g] for g in slack_groups] + [r["tpot_ms"], r["attn_ms"]] for r in phase3],
+    )
     return text
 
 

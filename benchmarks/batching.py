@@ -21,16 +21,32 @@ import time
 import torch
 
 from app.engine import Engine
-from app.sampling import SamplingParams
 from app.metrics import Metrics
+from app.sampling import SamplingParams
 from app.sessions import Session
 from app.settings import Settings
 from benchmarks import report
 from benchmarks.data import tokenize
 from h2o_cache import CachePolicy, load_model, make_cache
 
-TOPICS = ["the sea", "a city at night", "old maps", "winter", "a lighthouse", "trains", "bees", "the moon",
-          "a library", "rivers", "mountains", "a market", "clocks", "forests", "bridges", "the desert"]
+TOPICS = [
+    "the sea",
+    "a city at night",
+    "old maps",
+    "winter",
+    "a lighthouse",
+    "trains",
+    "bees",
+    "the moon",
+    "a library",
+    "rivers",
+    "mountains",
+    "a market",
+    "clocks",
+    "forests",
+    "bridges",
+    "the desert",
+]
 
 
 def rss_mb() -> float:
@@ -55,8 +71,14 @@ async def stream(engine: Engine, session: Session, message: str, new: int, seed:
         if hasattr(event, "token_id"):
             times.append(time.perf_counter())
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"submitted": submitted, "first": times[0], "last": times[-1], "tokens": len(times),
-            "tpot_ms": 1000 * (times[-1] - times[0]) / max(1, len(times) - 1), "gaps_ms": [1000 * g for g in gaps]}
+    return {
+        "submitted": submitted,
+        "first": times[0],
+        "last": times[-1],
+        "tokens": len(times),
+        "tpot_ms": 1000 * (times[-1] - times[0]) / max(1, len(times) - 1),
+        "gaps_ms": [1000 * g for g in gaps],
+    }
 
 
 def concurrent(model, n: int, new: int, policy: str, batching: bool, max_batch: int) -> dict:
@@ -65,8 +87,12 @@ def concurrent(model, n: int, new: int, policy: str, batching: bool, max_batch: 
     sessions = [Session(id=f"s{i}", policy=CachePolicy.parse(policy, slack=64)) for i in range(n)]
 
     async def everyone():
-        return await asyncio.gather(*(stream(engine, s, f"Write a long essay about {TOPICS[i % len(TOPICS)]}.",
-                                             new, seed=i) for i, s in enumerate(sessions)))
+        return await asyncio.gather(
+            *(
+                stream(engine, s, f"Write a long essay about {TOPICS[i % len(TOPICS)]}.", new, seed=i)
+                for i, s in enumerate(sessions)
+            )
+        )
 
     try:
         runs = asyncio.run(everyone())
@@ -75,10 +101,17 @@ def concurrent(model, n: int, new: int, policy: str, batching: bool, max_batch: 
     wall = max(r["last"] for r in runs) - min(r["submitted"] for r in runs)
     tpots = [r["tpot_ms"] for r in runs]
     gaps = sorted(g for r in runs for g in r["gaps_ms"])
-    return {"sessions": n, "batching": batching, "tokens": sum(r["tokens"] for r in runs), "wall_s": wall,
-            "tok_s": sum(r["tokens"] for r in runs) / wall, "tpot_ms_mean": statistics.mean(tpots),
-            "tpot_ms_p95": percentile(tpots, 95), "gap_ms_p95": percentile(gaps, 95),
-            "ttft_s_max": max(r["first"] - r["submitted"] for r in runs)}
+    return {
+        "sessions": n,
+        "batching": batching,
+        "tokens": sum(r["tokens"] for r in runs),
+        "wall_s": wall,
+        "tok_s": sum(r["tokens"] for r in runs) / wall,
+        "tpot_ms_mean": statistics.mean(tpots),
+        "tpot_ms_p95": percentile(tpots, 95),
+        "gap_ms_p95": percentile(gaps, 95),
+        "ttft_s_max": max(r["first"] - r["submitted"] for r in runs),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,14 +126,25 @@ def memory(model, n_sessions: int, turns: int, new: int, policy: str, max_batch:
     rows = [{"turn": 0, "rss_mb": rss_mb(), "cache_tokens_max": 0, "cache_mb": 0.0}]
     try:
         for turn in range(1, turns + 1):
-            async def everyone():
-                return await asyncio.gather(*(stream(engine, s, f"Tell me more about {TOPICS[i % len(TOPICS)]}.",
-                                                     new, seed=turn * 1000 + i) for i, s in enumerate(sessions)))
+
+            async def everyone(turn: int = turn):
+                return await asyncio.gather(
+                    *(
+                        stream(engine, s, f"Tell me more about {TOPICS[i % len(TOPICS)]}.", new, seed=turn * 1000 + i)
+                        for i, s in enumerate(sessions)
+                    )
+                )
 
             asyncio.run(everyone())
-            rows.append({"turn": turn, "rss_mb": rss_mb(), "cache_tokens_max": max(s.cache_tokens for s in sessions),
-                         "cache_tokens_seen": max(s.cache_tokens_seen for s in sessions),
-                         "cache_mb": sum(s.cache.nbytes() for s in sessions) / 2**20})
+            rows.append(
+                {
+                    "turn": turn,
+                    "rss_mb": rss_mb(),
+                    "cache_tokens_max": max(s.cache_tokens for s in sessions),
+                    "cache_tokens_seen": max(s.cache_tokens_seen for s in sessions),
+                    "cache_mb": sum(s.cache.nbytes() for s in sessions) / 2**20,
+                }
+            )
     finally:
         engine.stop()
     return rows
@@ -116,8 +160,15 @@ def load(args, dtype: str | None):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config).to(resolve_dtype(dtype, "cpu")).eval()
     return (quantize_int8(model) if dtype == "int8" else model), tokenizer
 
@@ -139,8 +190,12 @@ def dtype_row(name: str, args, ids: list[int], context: int, steps: int) -> dict
             out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
             times.append(time.perf_counter() - t)
             token = out.logits[:, -1:].argmax(-1)
-    return {"dtype": name, "decode_ms": 1000 * statistics.median(times), "ppl": math.exp(nll),
-            "rss_mb_after_load": before}
+    return {
+        "dtype": name,
+        "decode_ms": 1000 * statistics.median(times),
+        "ppl": math.exp(nll),
+        "rss_mb_after_load": before,
+    }
 
 
 def main(argv=None) -> None:
@@ -174,12 +229,17 @@ def main(argv=None) -> None:
     if "dtypes" not in skip:
         _, tokenizer = load(args, "fp32")
         ids = tokenize(tokenizer, "wikitext", args.ppl_tokens, args.data_dir, synthetic=args.smoke)
-        payload["dtypes"] = [dtype_row(name, args, ids, args.context, 8 if args.smoke else 24)
-                             for name in args.dtypes.split(",")]
+        payload["dtypes"] = [
+            dtype_row(name, args, ids, args.context, 8 if args.smoke else 24) for name in args.dtypes.split(",")
+        ]
     model = load(args, args.dtype)
     payload["rss_mb_weights"] = rss_mb()
-    print(report.markdown_table(["dtype", "decode_ms", "ppl"], [[d["dtype"], d["decode_ms"], d["ppl"]]
-                                                               for d in payload.get("dtypes", [])]), flush=True)
+    print(
+        report.markdown_table(
+            ["dtype", "decode_ms", "ppl"], [[d["dtype"], d["decode_ms"], d["ppl"]] for d in payload.get("dtypes", [])]
+        ),
+        flush=True,
+    )
     if "batching" not in skip:
         runs = []
         for _ in range(args.reps):  # alternate, so both see the same machine load
@@ -199,8 +259,7 @@ def main(argv=None) -> None:
         s["throughput_ratio"], s["tpot_p95_ratio"] = s["tok_s_n"] / s["tok_s_1"], s["tpot_ms_p95_n"] / s["tpot_ms_1"]
     report.write_json(out / "batching.json", payload)  # partial results survive an interrupted memory run
     if "memory" not in skip:
-        payload["memory"] = memory(model, args.held, args.held_turns, args.held_new, args.held_policy,
-                                   args.max_batch)
+        payload["memory"] = memory(model, args.held, args.held_turns, args.held_new, args.held_policy, args.max_batch)
     loadavg["after"] = os.getloadavg()
     payload["loadavg"] = loadavg
     payload["meta"] = report.meta(args, start)
@@ -212,33 +271,72 @@ def main(argv=None) -> None:
 
 def render(p: dict, args) -> str:
     load = p["loadavg"]
-    text = (f"# Continuous batching ({args.model}, {args.threads} torch thread(s), load average "
-            f"{load['before'][0]:.1f} before / {load['after'][0]:.1f} after)\n\n")
+    text = (
+        f"# Continuous batching ({args.model}, {args.threads} torch thread(s), load average "
+        f"{load['before'][0]:.1f} before / {load['after'][0]:.1f} after)\n\n"
+    )
     if "runs" in p:
         s = p["summary"]
-        text += (f"## 1 vs {args.sessions} concurrent streams, {args.new}-token replies, policy {args.policy}, "
-                 f"max batch {args.max_batch}\n\n")
-        cols = ["Sessions", "Tokens", "Wall (s)", "Aggregate tok/s", "TPOT mean (ms)", "TPOT p95 (ms)",
-                "Gap p95 (ms)", "Max TTFT (s)"]
-        rows = [[r["sessions"], r["tokens"], r["wall_s"], r["tok_s"], r["tpot_ms_mean"], r["tpot_ms_p95"],
-                 r["gap_ms_p95"], r["ttft_s_max"]] for r in p["runs"]]
+        text += (
+            f"## 1 vs {args.sessions} concurrent streams, {args.new}-token replies, policy {args.policy}, "
+            f"max batch {args.max_batch}\n\n"
+        )
+        cols = [
+            "Sessions",
+            "Tokens",
+            "Wall (s)",
+            "Aggregate tok/s",
+            "TPOT mean (ms)",
+            "TPOT p95 (ms)",
+            "Gap p95 (ms)",
+            "Max TTFT (s)",
+        ]
+        rows = [
+            [
+                r["sessions"],
+                r["tokens"],
+                r["wall_s"],
+                r["tok_s"],
+                r["tpot_ms_mean"],
+                r["tpot_ms_p95"],
+                r["gap_ms_p95"],
+                r["ttft_s_max"],
+            ]
+            for r in p["runs"]
+        ]
         text += report.markdown_table(cols, rows)
-        text += (f"\nAggregate throughput {s['throughput_ratio']:.2f}x a single session's (target >= 5x); "
-                 f"per-session TPOT p95 {s['tpot_p95_ratio']:.2f}x the single-session TPOT (target <= 3x).\n\n")
+        text += (
+            f"\nAggregate throughput {s['throughput_ratio']:.2f}x a single session's (target >= 5x); "
+            f"per-session TPOT p95 {s['tpot_p95_ratio']:.2f}x the single-session TPOT (target <= 3x).\n\n"
+        )
     if "memory" in p:
-        text += (f"## Memory with {args.held} sessions held ({args.held_turns} turns of {args.held_new} tokens, "
-                 f"policy {args.held_policy}); weights loaded: {p['rss_mb_weights']:.0f} MB RSS\n\n")
+        text += (
+            f"## Memory with {args.held} sessions held ({args.held_turns} turns of {args.held_new} tokens, "
+            f"policy {args.held_policy}); weights loaded: {p['rss_mb_weights']:.0f} MB RSS\n\n"
+        )
         cols = ["After turn", "RSS (MB)", "Session caches (MB)", "Max kept tokens", "Max tokens seen"]
-        rows = [[m["turn"], m["rss_mb"], m["cache_mb"], m["cache_tokens_max"], m.get("cache_tokens_seen", 0)]
-                for m in p["memory"]]
+        rows = [
+            [m["turn"], m["rss_mb"], m["cache_mb"], m["cache_tokens_max"], m.get("cache_tokens_seen", 0)]
+            for m in p["memory"]
+        ]
         text += report.markdown_table(cols, rows) + "\n"
     if "dtypes" in p:
-        text += (f"## Weight precision: decode at {args.context} tokens of context (full cache, batch 1), "
-                 f"perplexity over {args.ppl_tokens} WikiText-2 tokens\n\n")
+        text += (
+            f"## Weight precision: decode at {args.context} tokens of context (full cache, batch 1), "
+            f"perplexity over {args.ppl_tokens} WikiText-2 tokens\n\n"
+        )
         base = p["dtypes"][0]
         cols = ["dtype", "Decode (ms/token)", "Speed-up", "PPL", "PPL change"]
-        rows = [[d["dtype"], d["decode_ms"], base["decode_ms"] / d["decode_ms"], d["ppl"],
-                 f"{100 * (d['ppl'] / base['ppl'] - 1):+.1f}%"] for d in p["dtypes"]]
+        rows = [
+            [
+                d["dtype"],
+                d["decode_ms"],
+                base["decode_ms"] / d["decode_ms"],
+                d["ppl"],
+                f"{100 * (d['ppl'] / base['ppl'] - 1):+.1f}%",
+            ]
+            for d in p["dtypes"]
+        ]
         text += report.markdown_table(cols, rows)
     return text
 

@@ -82,10 +82,12 @@ def budget_bytes(config: PretrainedConfig, dtype: torch.dtype, n_tokens: int) ->
     return session_nbytes(config, parse_policy(f"h2o_{SINKS}_{n_tokens // 2}_{n_tokens}_bf16"), dtype)
 
 
-def largest_capacity(config: PretrainedConfig, dtype: torch.dtype, family: str, kv_dtype: str,
-                     budget: int) -> int | None:
+def largest_capacity(
+    config: PretrainedConfig, dtype: torch.dtype, family: str, kv_dtype: str, budget: int
+) -> int | None:
     """The largest multiple of :data:`STEP` whose full session fits in ``budget`` bytes (``None``: not even one).
     Session bytes grow with capacity, so the first that does not fit ends the search."""
+
     def fits(capacity: int) -> bool:
         return session_nbytes(config, parse_policy(policy_name(family, capacity, kv_dtype)), dtype) <= budget
 
@@ -106,8 +108,11 @@ def candidates(config: PretrainedConfig, dtype: torch.dtype, n_tokens: int, kv_d
             capacity = largest_capacity(config, dtype, family, kv_dtype, budget)
             if capacity is not None:
                 name = policy_name(family, capacity, kv_dtype)
-                out.append(Candidate(name, family, kv_dtype, capacity,
-                                     session_nbytes(config, parse_policy(name), dtype), n_tokens))
+                out.append(
+                    Candidate(
+                        name, family, kv_dtype, capacity, session_nbytes(config, parse_policy(name), dtype), n_tokens
+                    )
+                )
     return out
 
 
@@ -118,8 +123,16 @@ def references(config: PretrainedConfig, dtype: torch.dtype, names: list[str], n
         policy = parse_policy(name)
         if policy.kind != "full":
             raise ValueError(f"reference rows are full caches; got {name!r}")
-        out.append(Candidate(policy.name, "full", policy.kv_dtype, None,
-                             session_nbytes(config, policy, dtype, n_tokens=n_tokens), None))
+        out.append(
+            Candidate(
+                policy.name,
+                "full",
+                policy.kv_dtype,
+                None,
+                session_nbytes(config, policy, dtype, n_tokens=n_tokens),
+                None,
+            )
+        )
     return out
 
 
@@ -147,9 +160,20 @@ def measure(args, rows: list[str], group: list[Candidate], reference_dir: Path, 
         timing = timing_pass(pool, rows[0], args.prompt, args.new, args.reps)
     results = []
     for c, q, d, t in zip(members, quality, divergence, timing):
-        results.append({"config": c.name, "family": c.family, "kv_dtype": c.kv_dtype, "capacity": c.capacity,
-                        "session_bytes": c.nbytes, "budget_tokens": c.budget, **q, **divergence_summary(rows, d),
-                        "tpot_ms": t["tpot_ms"], "tpot_ratio": t["tpot_ms"] / timing[0]["tpot_ms"]})
+        results.append(
+            {
+                "config": c.name,
+                "family": c.family,
+                "kv_dtype": c.kv_dtype,
+                "capacity": c.capacity,
+                "session_bytes": c.nbytes,
+                "budget_tokens": c.budget,
+                **q,
+                **divergence_summary(rows, d),
+                "tpot_ms": t["tpot_ms"],
+                "tpot_ratio": t["tpot_ms"] / timing[0]["tpot_ms"],
+            }
+        )
     return results
 
 
@@ -162,8 +186,12 @@ def divergence_summary(rows: list[str], raw: dict) -> dict:
         top1.setdefault(group_of(row), []).extend(top1_row)
     group_kl = {g: statistics.fmean(v) for g, v in kl.items()}
     group_top1 = {g: 100 * statistics.fmean(v) for g, v in top1.items()}
-    return {"group_kl": group_kl, "group_top1": group_top1, "kl_mean": statistics.fmean(group_kl.values()),
-            "top1_mean": statistics.fmean(group_top1.values())}
+    return {
+        "group_kl": group_kl,
+        "group_top1": group_top1,
+        "kl_mean": statistics.fmean(group_kl.values()),
+        "top1_mean": statistics.fmean(group_top1.values()),
+    }
 
 
 def add_quality(results: list[dict], base: dict, groups: list[str]) -> None:
@@ -187,9 +215,11 @@ def best_per_budget(results: list[dict]) -> dict[int, str]:
 
 
 def columns_for(groups: list[str]) -> list[str]:
-    return (["Config", "kv_dtype", "Capacity", "Session (MB)"]
-            + [c for g in groups for c in (GROUP_TITLES.get(g, f"{g} PPL"), f"{g} vs full (%)")]
-            + ["Mean vs full (%)", "KL mean (nats)", "Top-1 (%)", "TPOT / full"])
+    return (
+        ["Config", "kv_dtype", "Capacity", "Session (MB)"]
+        + [c for g in groups for c in (GROUP_TITLES.get(g, f"{g} PPL"), f"{g} vs full (%)")]
+        + ["Mean vs full (%)", "KL mean (nats)", "Top-1 (%)", "TPOT / full"]
+    )
 
 
 def table(results: list[dict], groups: list[str], best: str | None = None) -> str:
@@ -203,21 +233,25 @@ def table(results: list[dict], groups: list[str], best: str | None = None) -> st
     return report.markdown_table(columns_for(groups), rows)
 
 
-def render(results: list[dict], budgets: dict[int, int], best: dict[int, str], groups: list[str], model_dtype: str,
-           args) -> str:
+def render(
+    results: list[dict], budgets: dict[int, int], best: dict[int, str], groups: list[str], model_dtype: str, args
+) -> str:
     base_kl = next(r["kl_mean"] for r in results if r["config"] == "full")
     tuning = [g for g in groups if g in TUNING_GROUPS]
     text = "# Equal bytes\n"
     for n_tokens, nbytes in budgets.items():
         mine = [r for r in results if r["budget_tokens"] == n_tokens]
-        text += (f"\n## Budget: {n_tokens} 16-bit tokens = {nbytes / 2**20:.2f} MB per session\n\n"
-                 + table(mine, groups, best.get(n_tokens)))
+        text += f"\n## Budget: {n_tokens} 16-bit tokens = {nbytes / 2**20:.2f} MB per session\n\n" + table(
+            mine, groups, best.get(n_tokens)
+        )
         if n_tokens in best:
             winner = next(r for r in mine if r["config"] == best[n_tokens])
-            text += (f"\nBest on the tuning texts ({', '.join(tuning)}): **{winner['config']}**, "
-                     f"{winner['tuning_above_pct']:+.2f}% above full there"
-                     + "".join(f"; {g} {winner['group_above_pct'][g]:+.2f}%" for g in groups if g not in TUNING_GROUPS)
-                     + ".\n")
+            text += (
+                f"\nBest on the tuning texts ({', '.join(tuning)}): **{winner['config']}**, "
+                f"{winner['tuning_above_pct']:+.2f}% above full there"
+                + "".join(f"; {g} {winner['group_above_pct'][g]:+.2f}%" for g in groups if g not in TUNING_GROUPS)
+                + ".\n"
+            )
     refs = [r for r in results if r["budget_tokens"] is None]
     text += f"\n## No byte limit (sessions of {args.tokens} tokens)\n\n" + table(refs, groups)
     heldout = [g for g in groups if g not in TUNING_GROUPS]
@@ -234,7 +268,9 @@ def render(results: list[dict], budgets: dict[int, int], best: dict[int, str], g
         f"config's argmax equals the full cache's, same averaging. TPOT / full: median decode step "
         f"over the full cache's in the same worker pool, {args.prompt}-token prompt + {args.new} tokens, {args.reps} "
         f"interleaved rep(s). Best (bold): lowest mean PPL above full on {', '.join(tuning) or 'no tuning text'}"
-        + (f"; {', '.join(heldout)} shown, never used for the choice" if heldout else "") + ".\n")
+        + (f"; {', '.join(heldout)} shown, never used for the choice" if heldout else "")
+        + ".\n"
+    )
     return text
 
 
@@ -259,17 +295,30 @@ def plot(path: Path, results: list[dict], budgets: dict[int, int]) -> None:
     kv_dtypes = list(dict.fromkeys(r["kv_dtype"] for r in results))
     colours = {d: plt.get_cmap("tab10")(i) for i, d in enumerate(kv_dtypes)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, ylabel in zip(axes, ("above_mean_pct", "kl_mean"),
-                               ("mean PPL above full (%)", "mean KL(full || config) (nats)")):
+    for ax, key, ylabel in zip(
+        axes, ("above_mean_pct", "kl_mean"), ("mean PPL above full (%)", "mean KL(full || config) (nats)")
+    ):
         for r in results:
-            ax.scatter(r["session_bytes"] / 2**20, r[key], marker=MARKERS[r["family"]], color=colours[r["kv_dtype"]],
-                       s=60 if r["family"] == "full" else 30)
+            ax.scatter(
+                r["session_bytes"] / 2**20,
+                r[key],
+                marker=MARKERS[r["family"]],
+                color=colours[r["kv_dtype"]],
+                s=60 if r["family"] == "full" else 30,
+            )
         front = pareto([(r["session_bytes"] / 2**20, r[key]) for r in results])
         ax.plot(*zip(*front), color="grey", linewidth=1, zorder=0, label="Pareto front")
         for n_tokens, nbytes in budgets.items():
             ax.axvline(nbytes / 2**20, color="grey", linestyle="--", linewidth=0.8)
-            ax.annotate(f"budget {n_tokens}", (nbytes / 2**20, 0.02), xycoords=("data", "axes fraction"),
-                        fontsize=7, ha="right", va="bottom", rotation=90)
+            ax.annotate(
+                f"budget {n_tokens}",
+                (nbytes / 2**20, 0.02),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                ha="right",
+                va="bottom",
+                rotation=90,
+            )
         ax.set_yscale("symlog", linthresh=1e-4 if key == "kl_mean" else 1.0)  # spans orders of magnitude, has 0
         ax.margins(y=0.15)
         if key == "kl_mean":
@@ -278,10 +327,14 @@ def plot(path: Path, results: list[dict], budgets: dict[int, int]) -> None:
         ax.set_xlabel("session KV bytes (MB)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], linestyle="", marker=m, color="black", label=FAMILIES.get(f, "full cache"))
-               for f, m in MARKERS.items()]
-    handles += [plt.Line2D([], [], linestyle="", marker="o", color=c, label="auto (model dtype)" if d == "auto" else d)
-                for d, c in colours.items()]
+    handles = [
+        plt.Line2D([], [], linestyle="", marker=m, color="black", label=FAMILIES.get(f, "full cache"))
+        for f, m in MARKERS.items()
+    ]
+    handles += [
+        plt.Line2D([], [], linestyle="", marker="o", color=c, label="auto (model dtype)" if d == "auto" else d)
+        for d, c in colours.items()
+    ]
     handles += [plt.Line2D([], [], color="grey", label="Pareto front")]
     axes[1].legend(handles=handles, fontsize=7)
     fig.suptitle("Quality against bytes per session")
@@ -316,13 +369,20 @@ def main(argv=None) -> None:
     config, dtype = model_config(args)
     budgets = {int(n): budget_bytes(config, dtype, int(n)) for n in args.budgets.split(",") if n.strip()}
     plan = [references(config, dtype, ref_names, args.tokens)] + [
-        candidates(config, dtype, n, kv_dtypes) for n in budgets]
+        candidates(config, dtype, n, kv_dtypes) for n in budgets
+    ]
     with tempfile.TemporaryDirectory(prefix="h2o_bytes_") as scratch:
         runs = [measure(args, rows, group, Path(scratch), write=k == 0) for k, group in enumerate(plan)]
     base = runs[0][0]
-    checks = [{"pool": k, "kl_mean": run[0]["kl_mean"], "top1_mean": run[0]["top1_mean"],
-               "ppl_ratio": {g: run[0]["group_ppl"][g] / base["group_ppl"][g] for g in groups}}
-              for k, run in enumerate(runs[1:], start=1)]  # later pools' full caches against the written reference
+    checks = [
+        {
+            "pool": k,
+            "kl_mean": run[0]["kl_mean"],
+            "top1_mean": run[0]["top1_mean"],
+            "ppl_ratio": {g: run[0]["group_ppl"][g] / base["group_ppl"][g] for g in groups},
+        }
+        for k, run in enumerate(runs[1:], start=1)
+    ]  # later pools' full caches against the written reference
     for ref, r in zip(plan[0], runs[0]):  # reference rows: bytes of a session of --tokens tokens
         r.update(config=ref.name, family="full", kv_dtype=ref.kv_dtype, session_bytes=ref.nbytes)
     results = [r for run in runs[1:] for r in run[1:]] + runs[0]
@@ -331,10 +391,22 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     text = render(results, budgets, best, groups, str(dtype).removeprefix("torch."), args)
     (out / "bytes.md").write_text(text)
-    report.write_json(out / "bytes.json", {
-        "meta": report.meta(args, start), "args": vars(args), "rows": rows, "groups": groups,
-        "heldout_rows": [r for r in rows if r in HELDOUT], "budgets_bytes": budgets, "best": best,
-        "slack": SLACK, "model_dtype": str(dtype), "results": results, "reference_checks": checks})
+    report.write_json(
+        out / "bytes.json",
+        {
+            "meta": report.meta(args, start),
+            "args": vars(args),
+            "rows": rows,
+            "groups": groups,
+            "heldout_rows": [r for r in rows if r in HELDOUT],
+            "budgets_bytes": budgets,
+            "best": best,
+            "slack": SLACK,
+            "model_dtype": str(dtype),
+            "results": results,
+            "reference_checks": checks,
+        },
+    )
     plot(out / "bytes.png", results, budgets)
     print(text)
 

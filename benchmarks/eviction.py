@@ -68,16 +68,18 @@ class OverwriteLayer:
         return torch.matmul(probs, values).view(b, hq, 1, d)
 
 
-def gather_step(layer: H2OLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                new_valid: torch.Tensor | None = None) -> torch.Tensor:
+def gather_step(
+    layer: H2OLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, new_valid: torch.Tensor | None = None
+) -> torch.Tensor:
     counts = [] if new_valid is None else new_valid.sum(-1).tolist()
     layer.begin_forward(new_valid, counts, 1)
     layer.update(key, value)
     return layer.attend(query, None)
 
 
-def time_steps(step, rows: int, heads: int, kv_heads: int, head_dim: int, fill: int, steps: int,
-               stagger: int = 0) -> list[float]:
+def time_steps(
+    step, rows: int, heads: int, kv_heads: int, head_dim: int, fill: int, steps: int, stagger: int = 0
+) -> list[float]:
     """Seconds per decode step after `fill` warm-up steps (the cache is full and evicting by then). With
     `stagger`, row r sits out (padding) `r * stagger` warm-up steps, so the rows reach their budget at different
     steps, as the sessions of a server's pool do."""
@@ -140,17 +142,26 @@ def main(argv=None) -> None:
             for name, (step, _) in variants.items():
                 times[name] += time_steps(step, rows, heads, kv_heads, head_dim, 0, args.steps // 4)
         for name, t in times.items():
-            results.append({"rows": rows, "variant": name, "layer_step_us": 1e6 * statistics.mean(t),
-                            "model_step_ms": 1e3 * layers * statistics.mean(t)})
+            results.append(
+                {
+                    "rows": rows,
+                    "variant": name,
+                    "layer_step_us": 1e6 * statistics.mean(t),
+                    "model_step_ms": 1e3 * layers * statistics.mean(t),
+                }
+            )
     out = report.out_dir(args)
     payload = {"args": vars(args), "layers": layers, "results": results, "meta": report.meta(args, start)}
     report.write_json(out / "eviction.json", payload)
-    text = (f"# Eviction: in-place overwrite vs compacting gather ({args.model} shapes: {layers} layers, {heads} "
-            f"query / {kv_heads} KV heads, head dim {head_dim}; policy {base.name}; mean over {args.steps} decode "
-            f"steps of a full cache, append + eviction + attention with scores)\n\n")
-    text += report.markdown_table(["Rows", "Variant", "Per layer-step (us)", "Per model step (ms)"],
-                                  [[r["rows"], r["variant"], r["layer_step_us"], r["model_step_ms"]]
-                                   for r in results])
+    text = (
+        f"# Eviction: in-place overwrite vs compacting gather ({args.model} shapes: {layers} layers, {heads} "
+        f"query / {kv_heads} KV heads, head dim {head_dim}; policy {base.name}; mean over {args.steps} decode "
+        f"steps of a full cache, append + eviction + attention with scores)\n\n"
+    )
+    text += report.markdown_table(
+        ["Rows", "Variant", "Per layer-step (us)", "Per model step (ms)"],
+        [[r["rows"], r["variant"], r["layer_step_us"], r["model_step_ms"]] for r in results],
+    )
     (out / "eviction.md").write_text(text)
     print(text)
 

@@ -68,8 +68,9 @@ class FutureAttention(Scorer):
         return future.gather(-1, slots["position"].long())
 
 
-def run_config(spec: Spec, rows: list[str], n_tokens: int, step: int, totals: torch.Tensor | None,
-               horizon: int | None) -> dict:
+def run_config(
+    spec: Spec, rows: list[str], n_tokens: int, step: int, totals: torch.Tensor | None, horizon: int | None
+) -> dict:
     """One teacher-forced pass; with ``totals``, every layer evicts by future attention."""
     session = Session(spec)
     scorers = None
@@ -121,8 +122,9 @@ def main(argv=None) -> None:
     table = render(results, rows, args)
     (out / "oracle.md").write_text(table)
     plot(out / "oracle.png", results)
-    report.write_json(out / "oracle.json", {"meta": report.meta(args, start), "args": vars(args), "rows": rows,
-                                            "results": results})
+    report.write_json(
+        out / "oracle.json", {"meta": report.meta(args, start), "args": vars(args), "rows": rows, "results": results}
+    )
     print(table)
 
 
@@ -134,12 +136,16 @@ def columns_for(groups: list[str]) -> list[str]:
 def render(results: list[dict], rows: list[str], args) -> str:
     groups = list(dict.fromkeys(group_of(r) for r in rows))
     base = full_cache_result(results)
-    table_rows = [[r["config"], r["ranking"] or "-"] + [r["group_ppl"][g] for g in groups]
-                  + percent_above(r, base, groups) for r in results]
-    return (report.markdown_table(columns_for(groups), table_rows)
-            + f"\n{args.tokens} tokens per text row, {args.step} tokens per forward after the eviction-free prefix; "
-            f"rows: {', '.join(rows)}. Model: {args.model}. The oracle ranks candidates by the attention the full "
-            "cache gives them after the cut; sinks, recent window, capacity and rolling are the policy's.\n")
+    table_rows = [
+        [r["config"], r["ranking"] or "-"] + [r["group_ppl"][g] for g in groups] + percent_above(r, base, groups)
+        for r in results
+    ]
+    return (
+        report.markdown_table(columns_for(groups), table_rows)
+        + f"\n{args.tokens} tokens per text row, {args.step} tokens per forward after the eviction-free prefix; "
+        f"rows: {', '.join(rows)}. Model: {args.model}. The oracle ranks candidates by the attention the full "
+        "cache gives them after the cut; sinks, recent window, capacity and rolling are the policy's.\n"
+    )
 
 
 def plot(path, results: list[dict]) -> None:

@@ -42,8 +42,18 @@ def parse_config(text: str) -> tuple[str, dict]:
 
 
 def make_specs(args, configs: list[tuple[str, dict]]) -> list[Spec]:
-    return [Spec(policy=name, options=options, model=args.model, device=args.device, dtype=args.dtype,
-                 threads=args.threads, data_dir=args.data_dir) for name, options in configs]
+    return [
+        Spec(
+            policy=name,
+            options=options,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            threads=args.threads,
+            data_dir=args.data_dir,
+        )
+        for name, options in configs
+    ]
 
 
 def ppl_pass(pool: Pool, rows: list[str], n_tokens: int, step: int, segment: int = 64, desc: str = "ppl") -> list[dict]:
@@ -71,17 +81,22 @@ def stream_summary(spec: Spec, rows: list[str], raw: dict) -> dict:
     for row, nll in per_row.items():
         groups.setdefault(group_of(row), []).extend(nll)
     return {
-        "config": spec.label, "policy": spec.policy, "options": spec.options,
+        "config": spec.label,
+        "policy": spec.policy,
+        "options": spec.options,
         "ppl": {row: math.exp(sum(v) / len(v)) for row, v in per_row.items()},
         "group_ppl": {g: math.exp(sum(v) / len(v)) for g, v in groups.items()},
         "group_nll": {g: sum(v) / len(v) for g, v in groups.items()},
-        "ppl_time_s": raw["time_s"], "kv_bytes": raw["kv_bytes_max"], "kept_tokens_max": raw["kept_max"],
+        "ppl_time_s": raw["time_s"],
+        "kv_bytes": raw["kv_bytes_max"],
+        "kept_tokens_max": raw["kept_max"],
         "evicted_tokens": raw["evicted_tokens"],
     }
 
 
-def timing_pass(pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps: int,
-                desc: str = "timing") -> list[dict]:
+def timing_pass(
+    pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps: int, desc: str = "timing"
+) -> list[dict]:
     """Interleaved generation timing: per rep, every config prefills, then the configs decode token by token in
     turn. Medians over reps (TTFT) and over all decode steps (TPOT), plus the mean step (evictions included)."""
     n = len(pool.specs)
@@ -103,13 +118,19 @@ def timing_pass(pool: Pool, row: str, prompt_tokens: int, new_tokens: int, reps:
     for i in range(n):
         per_rep = len(decode[i]) // reps
         totals = [t + sum(decode[i][r * per_rep : (r + 1) * per_rep]) for r, t in enumerate(ttft[i])]
-        out.append({
-            "ttft_s": report.median(ttft[i]), "tpot_ms": 1e3 * report.median(decode[i]),
-            "tpot_mean_ms": 1e3 * sum(decode[i]) / max(1, len(decode[i])),  # includes the 1-in-slack evictions
-            "attn_ms": 1e3 * report.median(attn[i]), "gen_total_s": report.median(totals),
-            "throughput_tok_s": new_tokens / report.median(totals), "gen_kv_bytes": kv[i],
-            "ttft_all_s": ttft[i], "decode_ms_all": [1e3 * t for t in decode[i]],
-        })
+        out.append(
+            {
+                "ttft_s": report.median(ttft[i]),
+                "tpot_ms": 1e3 * report.median(decode[i]),
+                "tpot_mean_ms": 1e3 * sum(decode[i]) / max(1, len(decode[i])),  # includes the 1-in-slack evictions
+                "attn_ms": 1e3 * report.median(attn[i]),
+                "gen_total_s": report.median(totals),
+                "throughput_tok_s": new_tokens / report.median(totals),
+                "gen_kv_bytes": kv[i],
+                "ttft_all_s": ttft[i],
+                "decode_ms_all": [1e3 * t for t in decode[i]],
+            }
+        )
     return out
 
 
@@ -140,16 +161,22 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     table = render(results, rows, args)
     (out / f"{args.name}.md").write_text(table)
-    report.write_json(out / f"{args.name}.json", {"meta": report.meta(args, start), "args": vars(args),
-                                                 "rows": rows, "results": results})
+    report.write_json(
+        out / f"{args.name}.json",
+        {"meta": report.meta(args, start), "args": vars(args), "rows": rows, "results": results},
+    )
     plot(out / f"{args.name}.png", results)
     print(table)
 
 
 def columns_for(groups: list[str], cuda: bool) -> list[str]:
     mem = ["KV (MB)", "Peak Mem (GB)"] if cuda else ["KV (MB)", "Peak RSS (GB)"]
-    return (["Config"] + [GROUP_TITLES.get(g, f"{g} PPL") for g in groups]
-            + ["Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)"] + mem)
+    return (
+        ["Config"]
+        + [GROUP_TITLES.get(g, f"{g} PPL") for g in groups]
+        + ["Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)"]
+        + mem
+    )
 
 
 def render(results: list[dict], rows: list[str], args) -> str:
@@ -158,21 +185,39 @@ def render(results: list[dict], rows: list[str], args) -> str:
     table_rows = []
     for r in results:
         peak = r["cuda_peak_bytes"] if cuda else r["peak_rss_bytes"]
-        table_rows.append([r["config"]] + [r["group_ppl"][g] for g in groups] + [
-            round(r["ppl_time_s"], 1), r["attn_ms"], r["ttft_s"], r["tpot_ms"], r["throughput_tok_s"],
-            r["kv_bytes"] / 2**20, peak / 2**30])
+        table_rows.append(
+            [r["config"]]
+            + [r["group_ppl"][g] for g in groups]
+            + [
+                round(r["ppl_time_s"], 1),
+                r["attn_ms"],
+                r["ttft_s"],
+                r["tpot_ms"],
+                r["throughput_tok_s"],
+                r["kv_bytes"] / 2**20,
+                peak / 2**30,
+            ]
+        )
     text = report.markdown_table(columns_for(groups, cuda), table_rows)
     base = full_cache_result(results)
     if base is not None:
-        ratio_rows = [[r["config"]] + percent_above(r, base, groups)
-                      + [r["tpot_ms"] / base["tpot_ms"], r["ttft_s"] / base["ttft_s"], r["kv_bytes"] / base["kv_bytes"]]
-                      for r in results]
-        cols = ["Config"] + [f"{GROUP_TITLES.get(g, g)} vs base (%)" for g in groups] + [
-            "TPOT / base", "TTFT / base", "KV / base"]
+        ratio_rows = [
+            [r["config"]]
+            + percent_above(r, base, groups)
+            + [r["tpot_ms"] / base["tpot_ms"], r["ttft_s"] / base["ttft_s"], r["kv_bytes"] / base["kv_bytes"]]
+            for r in results
+        ]
+        cols = (
+            ["Config"]
+            + [f"{GROUP_TITLES.get(g, g)} vs base (%)" for g in groups]
+            + ["TPOT / base", "TTFT / base", "KV / base"]
+        )
         text += "\nSame run, relative to the full cache:\n\n" + report.markdown_table(cols, ratio_rows)
-    text += (f"\n{args.tokens} tokens per text row, {'one token' if args.step == 1 else f'{args.step} tokens'} per "
-             f"forward after the eviction-free prefix; rows: {', '.join(rows)}. Timing: {args.prompt}-token prompt + "
-             f"{args.new} greedy tokens, {args.reps} interleaved reps, medians. Model: {args.model}.\n")
+    text += (
+        f"\n{args.tokens} tokens per text row, {'one token' if args.step == 1 else f'{args.step} tokens'} per "
+        f"forward after the eviction-free prefix; rows: {', '.join(rows)}. Timing: {args.prompt}-token prompt + "
+        f"{args.new} greedy tokens, {args.reps} interleaved reps, medians. Model: {args.model}.\n"
+    )
     return text
 
 

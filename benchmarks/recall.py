@@ -43,15 +43,34 @@ FEED_TOKENS = 1024
 """Conversation tokens per worker call: the round-robin's grain (whole turns, so a call may hold more)."""
 BOOKS = {"moby": "Moby Dick", "pride": "Pride and Prejudice", "sherlock": "The Adventures of Sherlock Holmes"}
 ACK = "Got it, I will remember that."
-COLUMNS = ["Config", "Distance (tokens)", "Mean answer log-prob", "Exact match", "KV held (MB)", "Feed (s)",
-           "Questions (s)"]
+COLUMNS = [
+    "Config",
+    "Distance (tokens)",
+    "Mean answer log-prob",
+    "Exact match",
+    "KV held (MB)",
+    "Feed (s)",
+    "Questions (s)",
+]
 
 FIRST_NAMES = ("Marisol", "Theodore", "Anika", "Desmond", "Ingrid", "Rafael", "Yuki", "Oswin", "Priya", "Lorcan")
 LAST_NAMES = ("Okafor", "Lindqvist", "Castellano", "Whitfield", "Nakamura", "Brennan", "Haddad", "Volkov", "Moreau")
 CITIES = ("Valparaiso", "Tampere", "Ljubljana", "Windhoek", "Hobart", "Cusco", "Gdansk", "Mombasa", "Aarhus", "Da Nang")
 PETS = ("Biscuit", "Pickles", "Marmalade", "Ziggy", "Noodle", "Clementine", "Waffles", "Pepper", "Juniper", "Mochi")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I or O: they read as 1 and 0
 
 
@@ -72,16 +91,32 @@ def _code(rng: random.Random) -> str:
 
 
 FACTS = (
-    Fact("name", "My name is {}.", "What is my name?", "Your name is",
-         lambda rng: f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"),
-    Fact("number", "My lucky number is {}.", "What is my lucky number?", "Your lucky number is",
-         lambda rng: str(rng.randint(1000, 9999))),
-    Fact("code", "The code for my locker is {}.", "What is the code for my locker?", "The code for your locker is",
-         _code),
+    Fact(
+        "name",
+        "My name is {}.",
+        "What is my name?",
+        "Your name is",
+        lambda rng: f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
+    ),
+    Fact(
+        "number",
+        "My lucky number is {}.",
+        "What is my lucky number?",
+        "Your lucky number is",
+        lambda rng: str(rng.randint(1000, 9999)),
+    ),
+    Fact(
+        "code", "The code for my locker is {}.", "What is the code for my locker?", "The code for your locker is", _code
+    ),
     Fact("city", "I grew up in {}.", "Where did I grow up?", "You grew up in", lambda rng: rng.choice(CITIES)),
     Fact("pet", "My cat is called {}.", "What is my cat called?", "Your cat is called", lambda rng: rng.choice(PETS)),
-    Fact("date", "My dentist appointment is on {}.", "When is my dentist appointment?",
-         "Your dentist appointment is on", lambda rng: f"{rng.choice(MONTHS)} {rng.randint(1, 28)}"),
+    Fact(
+        "date",
+        "My dentist appointment is on {}.",
+        "When is my dentist appointment?",
+        "Your dentist appointment is on",
+        lambda rng: f"{rng.choice(MONTHS)} {rng.randint(1, 28)}",
+    ),
 )
 
 
@@ -110,8 +145,10 @@ def plant_messages(facts: tuple[Fact, ...], values: list[str]) -> list[dict]:
     """One user turn per fact, each acknowledged."""
     messages = []
     for fact, value in zip(facts, values):
-        messages += [{"role": "user", "content": f"{fact.statement.format(value)} Please remember that."},
-                     {"role": "assistant", "content": ACK}]
+        messages += [
+            {"role": "user", "content": f"{fact.statement.format(value)} Please remember that."},
+            {"role": "assistant", "content": ACK},
+        ]
     return messages
 
 
@@ -128,12 +165,21 @@ def filler_turns(passage_words: int, data_dir: str | None, synthetic: bool) -> I
             if not continued:
                 raise ValueError(f"{row} ran out of text; ask for shorter distances")
             offset[row] = a + 2 * passage_words
-            yield [{"role": "user", "content": f"Here is a passage from {title}:\n\n{quoted}\n\nPlease continue it."},
-                   {"role": "assistant", "content": continued}]
+            yield [
+                {"role": "user", "content": f"Here is a passage from {title}:\n\n{quoted}\n\nPlease continue it."},
+                {"role": "assistant", "content": continued},
+            ]
 
 
-def build_chat(pool: Pool, facts: tuple[Fact, ...], values: list[str], distances: list[int], passage_words: int,
-               data_dir: str | None, synthetic: bool) -> Chat:
+def build_chat(
+    pool: Pool,
+    facts: tuple[Fact, ...],
+    values: list[str],
+    distances: list[int],
+    passage_words: int,
+    data_dir: str | None,
+    synthetic: bool,
+) -> Chat:
     """Render the conversation with worker 0's chat template, turn by turn, until the longest distance is reached.
     A piece is the text a turn adds to the rendering of the conversation before it, so the pieces together are
     exactly the rendered conversation."""
@@ -148,15 +194,16 @@ def build_chat(pool: Pool, facts: tuple[Fact, ...], values: list[str], distances
             text = pool.call(0, "chat_text", messages=messages)
             if not text.startswith(rendered):
                 raise ValueError("the chat template does not render a conversation as the start of its continuation")
-            pieces += pool.call(0, "encode", texts=[text[len(rendered):]])
+            pieces += pool.call(0, "encode", texts=[text[len(rendered) :]])
             filler += len(pieces[-1])
             rendered = text
         pieces_at[distance] = len(pieces)
         texts = []
         for fact, value in zip(facts, values):
-            asked = pool.call(0, "chat_text", messages=messages + [{"role": "user", "content": fact.question}],
-                              generation_prompt=True)
-            texts += [asked[len(rendered):] + fact.lead, f" {value}"]
+            asked = pool.call(
+                0, "chat_text", messages=messages + [{"role": "user", "content": fact.question}], generation_prompt=True
+            )
+            texts += [asked[len(rendered) :] + fact.lead, f" {value}"]
         ids = pool.call(0, "encode", texts=texts)
         questions[distance] = list(zip(ids[::2], ids[1::2]))
     return Chat(pieces, pieces_at, questions)
@@ -173,8 +220,9 @@ def feed_groups(pieces: list[list[int]]) -> list[list[int]]:
     return groups
 
 
-def ask(pool: Pool, chat: Chat, distances: list[int], facts: tuple[Fact, ...], values: list[str],
-        max_new: int) -> list[dict]:
+def ask(
+    pool: Pool, chat: Chat, distances: list[int], facts: tuple[Fact, ...], values: list[str], max_new: int
+) -> list[dict]:
     """Feed the conversation to every config round-robin and ask the questions at each distance.
     Returns one result per (config, distance), config-major."""
     n = len(pool.specs)
@@ -196,50 +244,92 @@ def ask(pool: Pool, chat: Chat, distances: list[int], facts: tuple[Fact, ...], v
                 for i in range(n):
                     answers[i].append(pool.call(i, "probe", prompt_ids=prompt, answer_ids=answer, max_new=max_new))
             for i, spec in enumerate(pool.specs):
-                results[i].append(summarize(spec, distance, chat, state[i], feed_s[i], answers[i], facts, values,
-                                            trained[i]))
+                results[i].append(
+                    summarize(spec, distance, chat, state[i], feed_s[i], answers[i], facts, values, trained[i])
+                )
     for i in range(n):
         pool.call(i, "end_chat")
     return [r for per_config in results for r in per_config]
 
 
-def summarize(spec: Spec, distance: int, chat: Chat, state: dict, feed_s: float, answers: list[dict],
-              facts: tuple[Fact, ...], values: list[str], trained: int) -> dict:
+def summarize(
+    spec: Spec,
+    distance: int,
+    chat: Chat,
+    state: dict,
+    feed_s: float,
+    answers: list[dict],
+    facts: tuple[Fact, ...],
+    values: list[str],
+    trained: int,
+) -> dict:
     """One config at one distance: per-fact scores and what the cache held when the questions were asked
     (``feed_s``: the conversation since the previous distance)."""
-    per_fact = [{
-        "key": fact.key, "value": value, "logprob": sum(a["token_logprobs"]), "token_logprobs": a["token_logprobs"],
-        "generated": a["generated"], "match": value in a["generated"], "time_s": a["time_s"],
-    } for fact, value, a in zip(facts, values, answers)]
+    per_fact = [
+        {
+            "key": fact.key,
+            "value": value,
+            "logprob": sum(a["token_logprobs"]),
+            "token_logprobs": a["token_logprobs"],
+            "generated": a["generated"],
+            "match": value in a["generated"],
+            "time_s": a["time_s"],
+        }
+        for fact, value, a in zip(facts, values, answers)
+    ]
     max_position = max(a["max_position"] for a in answers)
     return {
-        "config": spec.label, "policy": spec.policy, "options": spec.options, "distance": distance,
-        "filler_tokens": chat.filler_tokens(distance), "context_tokens": chat.context_tokens(distance),
+        "config": spec.label,
+        "policy": spec.policy,
+        "options": spec.options,
+        "distance": distance,
+        "filler_tokens": chat.filler_tokens(distance),
+        "context_tokens": chat.context_tokens(distance),
         "mean_logprob": statistics.mean(f["logprob"] for f in per_fact),
-        "exact_match": sum(f["match"] for f in per_fact), "n_facts": len(per_fact),
-        "kv_bytes": state["kv_bytes"], "kept_tokens": state["kept_tokens"], "evicted_tokens": state["evicted_tokens"],
-        "feed_s": feed_s, "questions_s": sum(f["time_s"] for f in per_fact), "max_position": max_position,
-        "trained_positions": trained, "past_trained": max_position >= trained, "facts": per_fact,
+        "exact_match": sum(f["match"] for f in per_fact),
+        "n_facts": len(per_fact),
+        "kv_bytes": state["kv_bytes"],
+        "kept_tokens": state["kept_tokens"],
+        "evicted_tokens": state["evicted_tokens"],
+        "feed_s": feed_s,
+        "questions_s": sum(f["time_s"] for f in per_fact),
+        "max_position": max_position,
+        "trained_positions": trained,
+        "past_trained": max_position >= trained,
+        "facts": per_fact,
     }
 
 
 def render(results: list[dict], args) -> str:
-    rows = [[r["config"], f"{r['distance']}*" if r["past_trained"] else str(r["distance"]), r["mean_logprob"],
-             f"{r['exact_match']}/{r['n_facts']}", r["kv_bytes"] / 2**20, r["feed_s"], r["questions_s"]]
-            for r in results]
+    rows = [
+        [
+            r["config"],
+            f"{r['distance']}*" if r["past_trained"] else str(r["distance"]),
+            r["mean_logprob"],
+            f"{r['exact_match']}/{r['n_facts']}",
+            r["kv_bytes"] / 2**20,
+            r["feed_s"],
+            r["questions_s"],
+        ]
+        for r in results
+    ]
     text = report.markdown_table(COLUMNS, rows)
     past = [r for r in results if r["past_trained"]]
     if past:
-        text += (f"\n\\* the questions' positions went past the model's {past[0]['trained_positions']} trained "
-                 f"positions (largest position id {max(r['max_position'] for r in past)}); run anyway.\n")
+        text += (
+            f"\n\\* the questions' positions went past the model's {past[0]['trained_positions']} trained "
+            f"positions (largest position id {max(r['max_position'] for r in past)}); run anyway.\n"
+        )
     filler = {r["distance"]: r["filler_tokens"] for r in results}
-    text += (f"\n{results[0]['n_facts']} facts (seed {args.seed}), one per early user turn; then turns of other "
-             f"conversation (filler tokens per distance: {', '.join(f'{d}: {n}' for d, n in filler.items())}); "
-             f"each fact asked on its own copy of the cache. Log-prob: the value's tokens after the question and the "
-             f"answer's lead-in, teacher-forced, summed per fact, mean over facts. Exact match: the value appears in "
-             f"{args.new} greedy tokens. KV held: `cache.nbytes()` when the questions are asked. Feed: seconds to "
-             f"feed the conversation since the previous distance; Questions: seconds for all questions. "
-             f"Model: {args.model}.\n")
+    text += (
+        f"\n{results[0]['n_facts']} facts (seed {args.seed}), one per early user turn; then turns of other "
+        f"conversation (filler tokens per distance: {', '.join(f'{d}: {n}' for d, n in filler.items())}); "
+        f"each fact asked on its own copy of the cache. Log-prob: the value's tokens after the question and the "
+        f"answer's lead-in, teacher-forced, summed per fact, mean over facts. Exact match: the value appears in "
+        f"{args.new} greedy tokens. KV held: `cache.nbytes()` when the questions are asked. Feed: seconds to "
+        f"feed the conversation since the previous distance; Questions: seconds for all questions. "
+        f"Model: {args.model}.\n"
+    )
     return text
 
 
@@ -299,8 +389,10 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     text = render(results, args)
     (out / "recall.md").write_text(text)
-    report.write_json(out / "recall.json", {"meta": report.meta(args, start), "args": vars(args),
-                                            "distances": distances, "results": results})
+    report.write_json(
+        out / "recall.json",
+        {"meta": report.meta(args, start), "args": vars(args), "distances": distances, "results": results},
+    )
     plot(out / "recall.png", results)
     print(text)
 

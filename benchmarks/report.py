@@ -28,8 +28,12 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: fp32 CPU, fp16 CUDA)")
     parser.add_argument("--data-dir", default=None, help="folder with the texts (default ../shared/data from the repo)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results, smoke: .../smoke)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per worker (1: on a shared 2-core box more threads only add stalls)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (1: on a shared 2-core box more threads only add stalls)",
+    )
     parser.add_argument("--inline", action="store_true", help="run every config in this process (no workers)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, few tokens: checks the plumbing")
     return parser
@@ -55,18 +59,26 @@ def _git(*cmd) -> str:
 
 def run_start() -> dict:
     """Call when a run starts: its clock and the library version it loads (the tree may change during a long run)."""
-    return {"started": time.time(), "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty_library": bool(_git("status", "--porcelain", "--", "h2o_cache"))}
+    return {
+        "started": time.time(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty_library": bool(_git("status", "--porcelain", "--", "h2o_cache")),
+    }
 
 
 def meta(args, start: dict) -> dict:
     """Where and how a result was produced (`start` from `run_start`)."""
     return {
         "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
-        "git_commit": start["git_commit"], "git_dirty_library": start["git_dirty_library"],
-        "model": args.model, "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        "threads_per_worker": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "python": platform.python_version(), "wall_s": round(time.time() - start["started"], 1),
+        "git_commit": start["git_commit"],
+        "git_dirty_library": start["git_dirty_library"],
+        "model": args.model,
+        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "threads_per_worker": args.threads,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "wall_s": round(time.time() - start["started"], 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -94,8 +106,15 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, default=float) + "\n")
 
 
-def line_plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
-              logy: bool = False, vline: float | None = None) -> None:
+def line_plot(
+    path: Path,
+    series: dict[str, tuple[list, list]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+    vline: float | None = None,
+) -> None:
     """One line per config: ``series[label] = (xs, ys)``."""
     import matplotlib
 

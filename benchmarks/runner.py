@@ -47,8 +47,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
-                            add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False
+    ) -> str:
         """A trivial ``role: content`` template, so that chat benchmarks' smoke runs take the real code path."""
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
@@ -60,8 +61,14 @@ def tiny_model():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
     )
     return LlamaForCausalLM(config).eval(), ByteTokenizer()
 
@@ -144,21 +151,34 @@ class Session:
 
     # -- teacher-forced streams ----------------------------------------------------------------------------------
 
-    def start_stream(self, rows: list[str], n_tokens: int, step: int = 1, chunk_prefix: bool = True,
-                     scorers: Sequence[Scorer] | None = None) -> None:
+    def start_stream(
+        self,
+        rows: list[str],
+        n_tokens: int,
+        step: int = 1,
+        chunk_prefix: bool = True,
+        scorers: Sequence[Scorer] | None = None,
+    ) -> None:
         """Prepare a teacher-forced pass over the first ``n_tokens`` of each text row (one batch row each);
         ``scorers`` (one per layer) rank heavy hitters instead of the policy's rule."""
         ids = torch.tensor([self.tokens(r, n_tokens) for r in rows], device=self.device)
         cap = self.policy.capacity
         prefix = 0 if not chunk_prefix else (n_tokens if cap is None else min(cap, n_tokens))
         self.stream = {
-            "ids": ids, "pos": 0, "prefix": prefix, "step": step,
+            "ids": ids,
+            "pos": 0,
+            "prefix": prefix,
+            "step": step,
             "cache": make_cache(self.model, self.policy, scorers=scorers),
-            "nll": torch.zeros(len(rows), n_tokens - 1), "time_s": 0.0, "kv_bytes_max": 0, "kept_max": 0,
+            "nll": torch.zeros(len(rows), n_tokens - 1),
+            "time_s": 0.0,
+            "kv_bytes_max": 0,
+            "kept_max": 0,
         }
         if self.reference is not None:
-            self.stream["reference"] = ReferenceLogprobs(self.reference["path"], ids, self.model.config.vocab_size,
-                                                         write=self.reference["write"])
+            self.stream["reference"] = ReferenceLogprobs(
+                self.reference["path"], ids, self.model.config.vocab_size, write=self.reference["write"]
+            )
             self.divergence = {"kl": torch.zeros(len(rows), n_tokens - 1), "top1": torch.zeros(len(rows), n_tokens - 1)}
 
     @torch.inference_mode()
@@ -200,9 +220,16 @@ class Session:
         nll = s["nll"][:, start : min(end, s["ids"].shape[1] - 1)]
         cache = s["cache"]
         return {
-            "start": start, "end": end, "done": end >= s["ids"].shape[1], "nll_sum": nll.sum().item(),
-            "n_targets": nll.numel(), "single_s": single_s, "kv_bytes": cache.nbytes() // s["ids"].shape[0],
-            "kept_tokens": cache.kept_tokens(), "evicted_tokens": cache.evicted_tokens, **process_memory(),
+            "start": start,
+            "end": end,
+            "done": end >= s["ids"].shape[1],
+            "nll_sum": nll.sum().item(),
+            "n_targets": nll.numel(),
+            "single_s": single_s,
+            "kv_bytes": cache.nbytes() // s["ids"].shape[0],
+            "kept_tokens": cache.kept_tokens(),
+            "evicted_tokens": cache.evicted_tokens,
+            **process_memory(),
         }
 
     def _compare(self, reference: ReferenceLogprobs, logits: torch.Tensor, start: int, n_targets: int) -> None:
@@ -230,8 +257,11 @@ class Session:
         """Per-row NLL lists and the pass totals; frees the cache."""
         s, self.stream = self.stream, None
         return {
-            "nll": s["nll"].tolist(), "time_s": s["time_s"], "kv_bytes_max": s["kv_bytes_max"],
-            "kept_max": s["kept_max"], "evicted_tokens": s["cache"].evicted_tokens,
+            "nll": s["nll"].tolist(),
+            "time_s": s["time_s"],
+            "kv_bytes_max": s["kv_bytes_max"],
+            "kept_max": s["kept_max"],
+            "evicted_tokens": s["cache"].evicted_tokens,
         }
 
     # -- generation timing ---------------------------------------------------------------------------------------
@@ -285,11 +315,19 @@ class Session:
         a server would feed a long turn). Returns the seconds it took and what the cache holds afterwards."""
         self._sync()
         t0 = time.perf_counter()
-        self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.chat, use_cache=True,
-                   logits_to_keep=1)
+        self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            past_key_values=self.chat,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self._sync()
-        return {"time_s": time.perf_counter() - t0, "kv_bytes": self.chat.nbytes(),
-                "kept_tokens": self.chat.kept_tokens(), "evicted_tokens": self.chat.evicted_tokens}
+        return {
+            "time_s": time.perf_counter() - t0,
+            "kv_bytes": self.chat.nbytes(),
+            "kept_tokens": self.chat.kept_tokens(),
+            "evicted_tokens": self.chat.evicted_tokens,
+        }
 
     @torch.inference_mode()
     def probe(self, prompt_ids: list[int], answer_ids: list[int], max_new: int) -> dict:
@@ -306,8 +344,12 @@ class Session:
         max_position = _last_position(forced, self.device)
         del forced
         cache = copy.deepcopy(self.chat)
-        logits = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), past_key_values=cache,
-                            use_cache=True, logits_to_keep=1).logits
+        logits = self.model(
+            input_ids=torch.tensor([prompt_ids], device=self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
         generated: list[int] = []
         while True:
             token = int(logits[0, -1].argmax())
@@ -319,7 +361,8 @@ class Session:
             logits = self._forward(cache, torch.tensor([[token]], device=self.device))
         self._sync()
         return {
-            "token_logprobs": token_logprobs.tolist(), "generated": self.tokenizer.decode(generated),
+            "token_logprobs": token_logprobs.tolist(),
+            "generated": self.tokenizer.decode(generated),
             "max_position": max(max_position, _last_position(cache, self.device)),
             "time_s": time.perf_counter() - t0,
         }
@@ -335,8 +378,9 @@ class Session:
         return process_memory()
 
 
-def next_token_divergence(logits: torch.Tensor, ref_logprobs: torch.Tensor, ref_top1: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_divergence(
+    logits: torch.Tensor, ref_logprobs: torch.Tensor, ref_top1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(reference || model) of the next-token distribution, in nats, and whether the model's argmax is the
     reference's, per position (``logits`` and ``ref_logprobs`` are ``(..., vocab)``). The reference log-probs are
     stored in fp16, so they are renormalized first: the full cache against its own stored log-probs then reads the
@@ -378,10 +422,14 @@ class ReferenceLogprobs:
 
     def load(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.written[0] < start + n:
-            raise RuntimeError(f"reference has {int(self.written[0])} targets written, {start + n} needed: "
-                               "advance the writing session first")
-        return (torch.from_numpy(np.array(self.logprobs[:, start : start + n])),
-                torch.from_numpy(np.array(self.top1[:, start : start + n])))
+            raise RuntimeError(
+                f"reference has {int(self.written[0])} targets written, {start + n} needed: "
+                "advance the writing session first"
+            )
+        return (
+            torch.from_numpy(np.array(self.logprobs[:, start : start + n])),
+            torch.from_numpy(np.array(self.top1[:, start : start + n])),
+        )
 
 
 def data_available(data_dir: str | None) -> bool:

@@ -33,8 +33,16 @@ from h2o_cache.budget import kv_shape, session_nbytes
 from h2o_cache.loading import resolve_model_path
 from loadtest.stack import save_tiny_llama, serve
 
-COLUMNS = ["KV storage", "Session", "Tokens held", "cache_bytes (MB)", "Formula (MB)", "RSS growth per session (MB)",
-           "Sessions per GiB", "Bytes / before"]
+COLUMNS = [
+    "KV storage",
+    "Session",
+    "Tokens held",
+    "cache_bytes (MB)",
+    "Formula (MB)",
+    "RSS growth per session (MB)",
+    "Sessions per GiB",
+    "Bytes / before",
+]
 SHORT_MESSAGE = "Tell me a short story about a lighthouse keeper and a storm."
 FULL_MESSAGE = " ".join(["The keeper climbed the stairs again and wrote the weather into the log."] * 40)
 BEFORE_POLICY = "h2o_4_256_512"
@@ -51,8 +59,11 @@ def metric(base_url: str, name: str) -> float:
 
 
 def turn(base_url: str, session_id: str, message: str, new_tokens: int) -> dict:
-    response = requests.post(f"{base_url}/sessions/{session_id}/generate", timeout=600, json={
-        "message": message, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, **GREEDY})
+    response = requests.post(
+        f"{base_url}/sessions/{session_id}/generate",
+        timeout=600,
+        json={"message": message, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, **GREEDY},
+    )
     response.raise_for_status()
     return response.json()
 
@@ -72,16 +83,24 @@ def measure(base_url: str, kind: str, n_sessions: int, full_after: int) -> dict:
                 pass
     infos = [requests.get(f"{base_url}/sessions/{sid}", timeout=30).json() for sid in ids]
     rss_after = metric(base_url, "process_resident_memory_bytes")
-    return {"cache_bytes": [i["cache_bytes"] for i in infos], "cache_tokens": [i["cache_tokens"] for i in infos],
-            "policy": infos[0]["policy"], "rss_per_session": (rss_after - rss_before) / n_sessions}
+    return {
+        "cache_bytes": [i["cache_bytes"] for i in infos],
+        "cache_tokens": [i["cache_tokens"] for i in infos],
+        "policy": infos[0]["policy"],
+        "rss_per_session": (rss_after - rss_before) / n_sessions,
+    }
 
 
 def run_storage(args, kv_dtype: str, config, device: str, dtype: torch.dtype, log_dir: Path) -> dict:
     """One server process with ``H2O_KV_DTYPE=kv_dtype``: short sessions, then full ones."""
     settings = Settings()
     policy = CachePolicy.parse(settings.policy, slack=settings.policy_slack, kv_dtype=kv_dtype)
-    env = {"H2O_MODEL": args.model, "H2O_KV_DTYPE": kv_dtype, "H2O_MAX_SESSIONS": str(4 * args.sessions),
-           "H2O_DEVICE": device}
+    env = {
+        "H2O_MODEL": args.model,
+        "H2O_KV_DTYPE": kv_dtype,
+        "H2O_MAX_SESSIONS": str(4 * args.sessions),
+        "H2O_DEVICE": device,
+    }
     with serve(log_dir / f"server-{kv_dtype}.log", env) as base_url:
         short = measure(base_url, "short", args.sessions, 0)
         full = measure(base_url, "full", args.sessions, policy.capacity + policy.slack)
@@ -91,8 +110,14 @@ def run_storage(args, kv_dtype: str, config, device: str, dtype: torch.dtype, lo
     for kind, result in (("short", short), ("full", full)):
         tokens = max(result["cache_tokens"])
         rows[kind] = {**result, "tokens": tokens, "formula": session_nbytes(config, policy, dtype, n_tokens=tokens)}
-    return {"kv_dtype": kv_dtype, "policy": policy.name, "gauge": gauge, "sessions": rows,
-            "largest": session_nbytes(config, policy, dtype), "largest_slots": policy.capacity + policy.slack}
+    return {
+        "kv_dtype": kv_dtype,
+        "policy": policy.name,
+        "gauge": gauge,
+        "sessions": rows,
+        "largest": session_nbytes(config, policy, dtype),
+        "largest_slots": policy.capacity + policy.slack,
+    }
 
 
 def before_bytes(config, policy: CachePolicy, dtype: torch.dtype) -> int:
@@ -104,16 +129,47 @@ def before_bytes(config, policy: CachePolicy, dtype: torch.dtype) -> int:
 
 def render(results: list[dict], before: int) -> tuple[list[str], list[list]]:
     mb = 1e6
-    rows = [[f"before (`{BEFORE_POLICY}`, model dtype, preallocated)", kind, "-", before / mb, before / mb, "-",
-             2**30 // before, "1.00"] for kind in ("short", "full")]
+    rows = [
+        [
+            f"before (`{BEFORE_POLICY}`, model dtype, preallocated)",
+            kind,
+            "-",
+            before / mb,
+            before / mb,
+            "-",
+            2**30 // before,
+            "1.00",
+        ]
+        for kind in ("short", "full")
+    ]
     for result in results:
         for kind, r in result["sessions"].items():
             held = max(r["cache_bytes"])
-            rows.append([result["kv_dtype"], kind, r["tokens"], held / mb, r["formula"] / mb,
-                         r["rss_per_session"] / mb, 2**30 // held, f"{held / before:.2f}"])
+            rows.append(
+                [
+                    result["kv_dtype"],
+                    kind,
+                    r["tokens"],
+                    held / mb,
+                    r["formula"] / mb,
+                    r["rss_per_session"] / mb,
+                    2**30 // held,
+                    f"{held / before:.2f}",
+                ]
+            )
         largest = result["largest"]
-        rows.append([result["kv_dtype"], f"largest ({result['largest_slots']} slots)", "-", "-", largest / mb, "-",
-                     2**30 // largest, f"{largest / before:.2f}"])
+        rows.append(
+            [
+                result["kv_dtype"],
+                f"largest ({result['largest_slots']} slots)",
+                "-",
+                "-",
+                largest / mb,
+                "-",
+                2**30 // largest,
+                f"{largest / before:.2f}",
+            ]
+        )
     return COLUMNS, rows
 
 
@@ -130,24 +186,28 @@ def main(argv=None) -> None:
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if device == "cuda" else torch.float32  # the server's default on each
-        results = [run_storage(args, kv_dtype, config, device, dtype, Path(tmp))
-                   for kv_dtype in args.kv_dtypes.split(",")]
+        results = [
+            run_storage(args, kv_dtype, config, device, dtype, Path(tmp)) for kv_dtype in args.kv_dtypes.split(",")
+        ]
     settings = Settings()
     before = before_bytes(config, CachePolicy.parse(BEFORE_POLICY, slack=settings.policy_slack), dtype)
     columns, rows = render(results, before)
-    legend = (f"\nServer defaults (`{settings.policy}`, slack {settings.policy_slack}), {args.sessions} sessions of "
-              "each kind per storage, one `python -m app` per storage. Short: one turn, ~100 tokens; full: turns "
-              "until the cache evicted, measured at rest after the turn (a session between cuts holds `capacity` to "
-              "`capacity + slack` tokens, in whole pages); largest: the formula at `capacity + slack` slots, what "
-              "a session holds just before a cut and what sizing must assume. cache_bytes: `GET /sessions/{id}` "
-              "(the largest of the sessions; their sum "
-              "equals the `h2o_kv_cache_bytes` gauge of a real scrape); Formula: `h2o_cache.budget.session_nbytes`; "
-              "RSS growth: `process_resident_memory_bytes` after minus before, per session (allocator noise "
-              "included). Before: the layout until issue #13, every session preallocated in the model's dtype "
-              "with int64 positions, under that default policy.\n")
+    legend = (
+        f"\nServer defaults (`{settings.policy}`, slack {settings.policy_slack}), {args.sessions} sessions of "
+        "each kind per storage, one `python -m app` per storage. Short: one turn, ~100 tokens; full: turns "
+        "until the cache evicted, measured at rest after the turn (a session between cuts holds `capacity` to "
+        "`capacity + slack` tokens, in whole pages); largest: the formula at `capacity + slack` slots, what "
+        "a session holds just before a cut and what sizing must assume. cache_bytes: `GET /sessions/{id}` "
+        "(the largest of the sessions; their sum "
+        "equals the `h2o_kv_cache_bytes` gauge of a real scrape); Formula: `h2o_cache.budget.session_nbytes`; "
+        "RSS growth: `process_resident_memory_bytes` after minus before, per session (allocator noise "
+        "included). Before: the layout until issue #13, every session preallocated in the model's dtype "
+        "with int64 positions, under that default policy.\n"
+    )
     (out / "session_bytes.md").write_text(report.markdown_table(columns, rows) + legend)
-    report.write_json(out / "session_bytes.json", {"meta": report.meta(args, start), "before_bytes": before,
-                                                    "results": results})
+    report.write_json(
+        out / "session_bytes.json", {"meta": report.meta(args, start), "before_bytes": before, "results": results}
+    )
     print(report.markdown_table(columns, rows) + legend)
 
 

@@ -24,8 +24,9 @@ from h2o_cache import CachePolicy
 
 def main(argv=None) -> None:
     parser = report.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="baseline,h2o_4_256_512,streaming_4_512",
-                        help="the first is the reference for the ratios")
+    parser.add_argument(
+        "--configs", default="baseline,h2o_4_256_512,streaming_4_512", help="the first is the reference for the ratios"
+    )
     parser.add_argument("--contexts", default="1024,2048,4096,8192", help="prompt lengths in tokens")
     parser.add_argument("--text", default="moby", help="text row the prompts are cut from")
     parser.add_argument("--new", type=int, default=32, help="generated tokens per run")
@@ -56,14 +57,31 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     text = render(results, labels, args) + render_overhead(overhead, labels[0])
     (out / "speed.md").write_text(text)
-    report.write_json(out / "speed.json", {"meta": report.meta(args, start), "args": vars(args),
-                                           "results": results, "overhead": overhead,
-                                           "memory": dict(zip(labels, memory))})
+    report.write_json(
+        out / "speed.json",
+        {
+            "meta": report.meta(args, start),
+            "args": vars(args),
+            "results": results,
+            "overhead": overhead,
+            "memory": dict(zip(labels, memory)),
+        },
+    )
     for metric, ylabel in (("tpot_ms", "TPOT (ms)"), ("ttft_s", "TTFT (s)")):
-        series = {lab: ([r["context"] for r in results if r["config"] == lab],
-                        [r[metric] for r in results if r["config"] == lab]) for lab in labels}
-        report.line_plot(out / f"speed_{metric.split('_')[0]}.png", series, "context (tokens)", ylabel,
-                         f"{ylabel} vs context ({args.model})")
+        series = {
+            lab: (
+                [r["context"] for r in results if r["config"] == lab],
+                [r[metric] for r in results if r["config"] == lab],
+            )
+            for lab in labels
+        }
+        report.line_plot(
+            out / f"speed_{metric.split('_')[0]}.png",
+            series,
+            "context (tokens)",
+            ylabel,
+            f"{ylabel} vs context ({args.model})",
+        )
     print(text)
 
 
@@ -76,6 +94,7 @@ def held_tokens(name: str, options: dict) -> int | None:
 def overhead_rows(results: list[dict], labels: list[str], held: list[int | None]) -> list[dict]:
     """Each bounded config's mean TPOT past its budget over the full cache's (``labels[0]``) at the context it
     holds: the cost of scoring and eviction at the same attention length."""
+
     def tpot(label: str, context: int) -> float:
         return next(r["tpot_mean_ms"] for r in results if r["config"] == label and r["context"] == context)
 
@@ -86,9 +105,16 @@ def overhead_rows(results: list[dict], labels: list[str], held: list[int | None]
         same_size = tpot(labels[0], size)
         for r in results:
             if r["config"] == label and r["context"] > size:
-                rows.append({"config": label, "context": r["context"], "held_tokens": size,
-                             "tpot_mean_ms": r["tpot_mean_ms"], "base_same_size_ms": same_size,
-                             "overhead": r["tpot_mean_ms"] / same_size - 1})
+                rows.append(
+                    {
+                        "config": label,
+                        "context": r["context"],
+                        "held_tokens": size,
+                        "tpot_mean_ms": r["tpot_mean_ms"],
+                        "base_same_size_ms": same_size,
+                        "overhead": r["tpot_mean_ms"] / same_size - 1,
+                    }
+                )
     return rows
 
 
@@ -96,19 +122,35 @@ def render_overhead(rows: list[dict], base: str) -> str:
     if not rows:
         return ""
     cols = ["Config", "Context", "Held tokens", "Mean TPOT (ms)", f"{base} at held tokens (ms)", "Overhead (%)"]
-    table = [[r["config"], r["context"], r["held_tokens"], r["tpot_mean_ms"], r["base_same_size_ms"],
-              100 * r["overhead"]] for r in rows]
-    return ("\n\n## Eviction + scoring overhead (mean decode time, eviction steps included, vs the full cache "
-            "at the same attention length)\n\n" + report.markdown_table(cols, table))
+    table = [
+        [r["config"], r["context"], r["held_tokens"], r["tpot_mean_ms"], r["base_same_size_ms"], 100 * r["overhead"]]
+        for r in rows
+    ]
+    return (
+        "\n\n## Eviction + scoring overhead (mean decode time, eviction steps included, vs the full cache "
+        "at the same attention length)\n\n" + report.markdown_table(cols, table)
+    )
 
 
 def render(results, labels, args) -> str:
-    cols = ["Context", "Config", "TTFT (s)", "TPOT (ms)", "Avg Attn (ms)", "TTFT / base", "TPOT / base",
-            "KV (MB)"]
-    rows = [[r["context"], r["config"], r["ttft_s"], r["tpot_ms"], r["attn_ms"], r["ttft_ratio"], r["tpot_ratio"],
-             r["gen_kv_bytes"] / 2**20] for r in results]
-    return (f"# Generation speed vs context ({args.model}, {args.new} new tokens, {args.reps} interleaved reps, "
-            f"medians; base = {labels[0]})\n\n" + report.markdown_table(cols, rows))
+    cols = ["Context", "Config", "TTFT (s)", "TPOT (ms)", "Avg Attn (ms)", "TTFT / base", "TPOT / base", "KV (MB)"]
+    rows = [
+        [
+            r["context"],
+            r["config"],
+            r["ttft_s"],
+            r["tpot_ms"],
+            r["attn_ms"],
+            r["ttft_ratio"],
+            r["tpot_ratio"],
+            r["gen_kv_bytes"] / 2**20,
+        ]
+        for r in results
+    ]
+    return (
+        f"# Generation speed vs context ({args.model}, {args.new} new tokens, {args.reps} interleaved reps, "
+        f"medians; base = {labels[0]})\n\n" + report.markdown_table(cols, rows)
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ from benchmarks.data import expand_texts
 from benchmarks.ppl import make_specs, parse_config
 from benchmarks.workers import Pool
 
-MODES = {"one token per forward": {"step": 1, "chunk_prefix": False},
-         "chunked prefix, then one token": {"step": 1},
-         "chunked prefix, then 16 tokens": {"step": 16}}
+MODES = {
+    "one token per forward": {"step": 1, "chunk_prefix": False},
+    "chunked prefix, then one token": {"step": 1},
+    "chunked prefix, then 16 tokens": {"step": 16},
+}
 
 
 def main(argv=None) -> None:
@@ -41,15 +43,26 @@ def main(argv=None) -> None:
                 pool.call(i, "advance", n_tokens=args.tokens)
                 nll[mode] = pool.call(i, "stream_result")["nll"]
                 reference = nll[next(iter(MODES))]
-                results.append({
-                    "config": spec.label, "mode": mode, "seconds": time.perf_counter() - t0,
-                    "ppl": {r: math.exp(sum(v) / len(v)) for r, v in zip(rows, nll[mode])},
-                    "max_abs_nll_diff": max(abs(a - b) for x, y in zip(nll[mode], reference) for a, b in zip(x, y)),
-                })
+                results.append(
+                    {
+                        "config": spec.label,
+                        "mode": mode,
+                        "seconds": time.perf_counter() - t0,
+                        "ppl": {r: math.exp(sum(v) / len(v)) for r, v in zip(rows, nll[mode])},
+                        "max_abs_nll_diff": max(abs(a - b) for x, y in zip(nll[mode], reference) for a, b in zip(x, y)),
+                    }
+                )
     cols = ["Config", "Protocol"] + [f"{r} PPL" for r in rows] + ["max abs ΔNLL per token", "time (s)"]
-    table = report.markdown_table(cols, [[r["config"], r["mode"]] + [f"{r['ppl'][x]:.4f}" for x in rows]
-                                         + [f"{r['max_abs_nll_diff']:.1e}", r["seconds"]] for r in results])
-    text = (f"# Teacher-forcing protocols compared ({args.model}, {args.tokens} tokens per row)\n\n" + table)
+    table = report.markdown_table(
+        cols,
+        [
+            [r["config"], r["mode"]]
+            + [f"{r['ppl'][x]:.4f}" for x in rows]
+            + [f"{r['max_abs_nll_diff']:.1e}", r["seconds"]]
+            for r in results
+        ],
+    )
+    text = f"# Teacher-forcing protocols compared ({args.model}, {args.tokens} tokens per row)\n\n" + table
     out = report.out_dir(args)
     (out / "step_check.md").write_text(text)
     report.write_json(out / "step_check.json", {"meta": report.meta(args, start), "results": results})

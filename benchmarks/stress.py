@@ -54,11 +54,18 @@ def main(argv=None) -> None:
                     if done[i]:
                         continue
                     r = pool.call(i, "advance", n_tokens=args.window, n_timed_single=args.timed)
-                    windows[i].append({
-                        "end": r["end"], "ppl": math.exp(r["nll_sum"] / r["n_targets"]), "nll_sum": r["nll_sum"],
-                        "n_targets": r["n_targets"], "tpot_ms": 1e3 * report.median(r["single_s"]),
-                        "kv_bytes": r["kv_bytes"], "kept_tokens": r["kept_tokens"], "rss_bytes": r["rss_bytes"],
-                    })
+                    windows[i].append(
+                        {
+                            "end": r["end"],
+                            "ppl": math.exp(r["nll_sum"] / r["n_targets"]),
+                            "nll_sum": r["nll_sum"],
+                            "n_targets": r["n_targets"],
+                            "tpot_ms": 1e3 * report.median(r["single_s"]),
+                            "kv_bytes": r["kv_bytes"],
+                            "kept_tokens": r["kept_tokens"],
+                            "rss_bytes": r["rss_bytes"],
+                        }
+                    )
                     bar.update(r["end"] - r["start"])
                     done[i] = r["done"]
         for i in range(len(specs)):
@@ -68,14 +75,31 @@ def main(argv=None) -> None:
     out = report.out_dir(args)
     text = render(summary, args)
     (out / "stress.md").write_text(text)
-    report.write_json(out / "stress.json", {"meta": report.meta(args, start), "args": vars(args),
-                                            "summary": summary, "windows": dict(zip(labels, windows))})
-    for key, ylabel, scale, logy in (("ppl", "windowed perplexity", 1, True), ("tpot_ms", "TPOT (ms)", 1, False),
-                                     ("kv_bytes", "KV cache (MB)", 2**-20, False),
-                                     ("rss_bytes", "worker RSS (GB)", 2**-30, False)):
+    report.write_json(
+        out / "stress.json",
+        {
+            "meta": report.meta(args, start),
+            "args": vars(args),
+            "summary": summary,
+            "windows": dict(zip(labels, windows)),
+        },
+    )
+    for key, ylabel, scale, logy in (
+        ("ppl", "windowed perplexity", 1, True),
+        ("tpot_ms", "TPOT (ms)", 1, False),
+        ("kv_bytes", "KV cache (MB)", 2**-20, False),
+        ("rss_bytes", "worker RSS (GB)", 2**-30, False),
+    ):
         series = {lab: ([x["end"] for x in w], [x[key] * scale for x in w]) for lab, w in zip(labels, windows)}
-        report.line_plot(out / f"stress_{key.split('_')[0]}.png", series, "position (tokens)", ylabel,
-                         f"{ylabel} per {args.window}-token window ({args.text})", logy=logy, vline=args.trained)
+        report.line_plot(
+            out / f"stress_{key.split('_')[0]}.png",
+            series,
+            "position (tokens)",
+            ylabel,
+            f"{ylabel} per {args.window}-token window ({args.text})",
+            logy=logy,
+            vline=args.trained,
+        )
     print(text)
 
 
@@ -84,10 +108,16 @@ def summarize(label: str, windows: list[dict], trained: int) -> dict:
     first = [w for w in windows if w["end"] <= trained]
     past = [w for w in windows if w["end"] - w["n_targets"] >= trained]
     first_ppl = math.exp(sum(w["nll_sum"] for w in first) / sum(w["n_targets"] for w in first)) if first else None
-    out = {"config": label, "tokens": windows[-1]["end"], "first_ppl": first_ppl,
-           "tpot_first_ms": windows[0]["tpot_ms"], "tpot_last_ms": windows[-1]["tpot_ms"],
-           "kv_last_mb": windows[-1]["kv_bytes"] / 2**20, "rss_last_gb": windows[-1]["rss_bytes"] / 2**30,
-           "kv_max_mb": max(w["kv_bytes"] for w in windows) / 2**20}
+    out = {
+        "config": label,
+        "tokens": windows[-1]["end"],
+        "first_ppl": first_ppl,
+        "tpot_first_ms": windows[0]["tpot_ms"],
+        "tpot_last_ms": windows[-1]["tpot_ms"],
+        "kv_last_mb": windows[-1]["kv_bytes"] / 2**20,
+        "rss_last_gb": windows[-1]["rss_bytes"] / 2**30,
+        "kv_max_mb": max(w["kv_bytes"] for w in windows) / 2**20,
+    }
     if past and first_ppl:
         out["past_ppl"] = math.exp(sum(w["nll_sum"] for w in past) / sum(w["n_targets"] for w in past))
         out["past_max_ratio"] = max(w["ppl"] for w in past) / first_ppl
@@ -96,14 +126,39 @@ def summarize(label: str, windows: list[dict], trained: int) -> dict:
 
 
 def render(summary: list[dict], args) -> str:
-    cols = ["Config", "Tokens", f"PPL first {args.trained}", f"PPL past {args.trained}", "past / first",
-            "worst window / first", "TPOT first (ms)", "TPOT last (ms)", "KV last (MB)", "KV max (MB)",
-            "RSS last (GB)"]
-    rows = [[s["config"], s["tokens"], s["first_ppl"], s.get("past_ppl"), s.get("past_mean_ratio"),
-             s.get("past_max_ratio"), s["tpot_first_ms"], s["tpot_last_ms"], s["kv_last_mb"], s["kv_max_mb"],
-             s["rss_last_gb"]] for s in summary]
-    return (f"# Long-context stress ({args.model}, {args.text}, windows of {args.window}, {args.step} tokens per "
-            f"forward + {args.timed} timed one-token forwards per window)\n\n" + report.markdown_table(cols, rows))
+    cols = [
+        "Config",
+        "Tokens",
+        f"PPL first {args.trained}",
+        f"PPL past {args.trained}",
+        "past / first",
+        "worst window / first",
+        "TPOT first (ms)",
+        "TPOT last (ms)",
+        "KV last (MB)",
+        "KV max (MB)",
+        "RSS last (GB)",
+    ]
+    rows = [
+        [
+            s["config"],
+            s["tokens"],
+            s["first_ppl"],
+            s.get("past_ppl"),
+            s.get("past_mean_ratio"),
+            s.get("past_max_ratio"),
+            s["tpot_first_ms"],
+            s["tpot_last_ms"],
+            s["kv_last_mb"],
+            s["kv_max_mb"],
+            s["rss_last_gb"],
+        ]
+        for s in summary
+    ]
+    return (
+        f"# Long-context stress ({args.model}, {args.text}, windows of {args.window}, {args.step} tokens per "
+        f"forward + {args.timed} timed one-token forwards per window)\n\n" + report.markdown_table(cols, rows)
+    )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def copy_sources(args: str) -> tuple[str | None, list[str], str]:
 
 def exec_form(args: str) -> list[str]:
     """The JSON array at the end of an instruction (``HEALTHCHECK ... CMD [..]``, ``CMD [..]``, ``VOLUME [..]``)."""
-    return json.loads(args[args.index("["):])
+    return json.loads(args[args.index("[") :])
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:

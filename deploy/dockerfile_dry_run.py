@@ -4,11 +4,12 @@
 
 The builder stage's instructions run in order in a fresh temporary root: ``ARG``/``ENV`` set the environment,
 ``WORKDIR``/``COPY`` lay out the build context (filtered by ``.dockerignore``), each ``RUN`` runs verbatim under
-``sh -c``. The image's absolute paths (``/opt``, ``/src``, ``/data``, ``/home``, ``/usr/local/bin``) are rebased under the temporary root, and
-``python`` is this machine's base interpreter (the venv is created from it, as in the image). The runtime stage's
-``RUN`` (``useradd``, ``mkdir`` of the snapshot folder) is not executed here (the folder is made); its ``COPY --from=builder`` paths are checked, its ``ENV`` is applied,
-and its ``CMD`` is started from a folder outside the repo: ``/ready`` must answer, the ``HEALTHCHECK`` command must
-pass and one streamed generation must finish.
+``sh -c``. The image's absolute paths (``/opt``, ``/src``, ``/data``, ``/home``, ``/usr/local/bin``) are rebased
+under the temporary root, and ``python`` is this machine's base interpreter (the venv is created from it, as in the
+image). The runtime stage's ``RUN`` (``useradd``, ``mkdir`` of the snapshot folder) is not executed here (the folder
+is made); its ``COPY --from=builder`` paths are checked, its ``ENV`` is applied, and its ``CMD`` is started from a
+folder outside the repo: ``/ready`` must answer, the ``HEALTHCHECK`` command must pass and one streamed generation
+must finish.
 
 PyTorch's CPU index is not reachable on the development machine, so ``TORCH_INDEX_URL`` defaults to PyPI here
 (pip's configured find-links supply the CPU wheel); on a normal machine pass the image's own default. Slow
@@ -96,8 +97,13 @@ class DryRun:
 def build_context(dest: Path) -> Path:
     """The files `docker build .` would send: the repo filtered by .dockerignore."""
     patterns = read_dockerignore(REPO / ".dockerignore")
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in tracked:
         if (REPO / name).is_file() and dockerignore_includes(patterns, name):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -113,19 +119,27 @@ def smoke_test(dry: DryRun, healthcheck: list[str], cmd: list[str]) -> None:
     env["PATH"] = f"{dry.root}/usr/local/bin:{env['PATH']}"
     Path(env["H2O_SNAPSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
     python = shutil.which("python", path=env["PATH"])
-    where = subprocess.run([python, "-c", "import app; print(app.__file__)"], env=env, cwd=dry.workdir,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [python, "-c", "import app; print(app.__file__)"],
+        env=env,
+        cwd=dry.workdir,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert where.startswith(str(dry.root)), f"app imported from {where}, not from the image's venv"
     log_path = dry.root / "server.log"
     argv = [shutil.which(cmd[0], path=env["PATH"]), *cmd[1:]]
     with process(argv, log_path, env, cwd=dry.workdir) as proc:
         wait_ok(f"http://{LOOPBACK}:{port}/ready", proc, log_path, timeout_s=300)
-        check = subprocess.run([shutil.which(healthcheck[0], path=env["PATH"]), *healthcheck[1:]], env=env,
-                               timeout=30)
+        check = subprocess.run([shutil.which(healthcheck[0], path=env["PATH"]), *healthcheck[1:]], env=env, timeout=30)
         assert check.returncode == 0, "HEALTHCHECK failed against a ready server"
         body = json.dumps({"message": "Say hello.", "max_new_tokens": 8, "stream": True}).encode()
-        request = urllib.request.Request(f"http://{LOOPBACK}:{port}/sessions/dry-run/generate", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://{LOOPBACK}:{port}/sessions/dry-run/generate",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             stream = response.read().decode()
         assert "event: done" in stream, f"no done event in:\n{stream}\n{log_tail(log_path)}"

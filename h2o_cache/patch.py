@@ -61,8 +61,9 @@ def _new_cache(model: PreTrainedModel, policy: CachePolicy, scorers: Sequence[Sc
     return H2OCache(policy, model.config.get_text_config().num_hidden_layers, rotary, scorers)
 
 
-def make_cache(model: PreTrainedModel, policy: CachePolicy | str = "full", scorers: Sequence[Scorer] | None = None,
-               **options: Any) -> H2OCache:
+def make_cache(
+    model: PreTrainedModel, policy: CachePolicy | str = "full", scorers: Sequence[Scorer] | None = None, **options: Any
+) -> H2OCache:
     """Install what the model needs (idempotent) and return a fresh cache for ``policy``.
 
     ``scorers`` (one per layer) rank heavy hitters instead of the rule ``score_mode`` names, e.g. a custom
@@ -81,7 +82,9 @@ def enable_h2o_llm(
     return _enable(model, CachePolicy.h2o(n_sink, recent_window, max_capacity, **options))
 
 
-def enable_streaming_llm(model: PreTrainedModel, n_sink: int = 4, window_size: int = 256, **options: Any) -> CachePolicy:
+def enable_streaming_llm(
+    model: PreTrainedModel, n_sink: int = 4, window_size: int = 256, **options: Any
+) -> CachePolicy:
     """Make plain ``model.generate()`` / ``model(...)`` use a StreamingLLM cache when no cache is passed."""
     return _enable(model, CachePolicy.streaming(n_sink, window_size, **options))
 

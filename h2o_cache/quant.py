@@ -126,8 +126,11 @@ class IntCodec:
 
     def fields(self, head_dim: int) -> dict[str, tuple[int, torch.dtype]]:
         n_groups = head_dim // self.group
-        return {"": (head_dim * self.bits // 8, torch.uint8), "_scale": (n_groups, _SCALE_DTYPE),
-                "_zero": (n_groups, _SCALE_DTYPE)}
+        return {
+            "": (head_dim * self.bits // 8, torch.uint8),
+            "_scale": (n_groups, _SCALE_DTYPE),
+            "_zero": (n_groups, _SCALE_DTYPE),
+        }
 
 
 Codec = FloatCodec | IntCodec

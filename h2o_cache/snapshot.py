@@ -38,6 +38,6 @@ def restore_cache(model: PreTrainedModel, tensors: dict[str, torch.Tensor], meta
         raise ValueError(f"snapshot has {len(meta['layers'])} layers, the model {len(cache.layers)}")
     for i, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
         prefix = f"layers.{i}."
-        layer_tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        layer_tensors = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
         layer.load_state_dict(layer_tensors, info, model.dtype, model.device)
     return cache

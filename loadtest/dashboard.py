@@ -68,8 +68,14 @@ def query_range(prometheus_url: str, promql: str, start: float, end: float, step
     return body["data"]["result"]
 
 
-def evaluate(prometheus_url: str, start: float, end: float, rate_interval: str = "15s",
-             step_s: float = 1.0, path: Path = DASHBOARD) -> list[QueryResult]:
+def evaluate(
+    prometheus_url: str,
+    start: float,
+    end: float,
+    rate_interval: str = "15s",
+    step_s: float = 1.0,
+    path: Path = DASHBOARD,
+) -> list[QueryResult]:
     """Run every dashboard query over [start, end]; count series and finite points (histogram quantiles over an
     empty window are NaN, which Grafana draws as nothing)."""
     results = []

@@ -41,6 +41,7 @@ PROMPTS = (
     "What is the boiling point of water at sea level?",
 )
 
+
 class _ChatUser(HttpUser):
     abstract = True
     wait_time = between(0.2, 1.0)
@@ -62,8 +63,9 @@ class _ChatUser(HttpUser):
         """Delete the finished session (as a well-behaved client does), so long runs stay under the server's
         session limit instead of waiting for the idle TTL."""
         if self.session_id is not None and self.turn > 0:
-            with self.client.delete(f"/sessions/{self.session_id}", headers=self.headers(), name="/sessions/[id]",
-                                    catch_response=True) as response:
+            with self.client.delete(
+                f"/sessions/{self.session_id}", headers=self.headers(), name="/sessions/[id]", catch_response=True
+            ) as response:
                 # 404: the server already dropped it (TTL, restart); nothing left to clean up.
                 if response.status_code in (204, 404):
                     response.success()
@@ -82,8 +84,9 @@ class _ChatUser(HttpUser):
     def stream(self, path: str, name: str, body: dict, headers: dict[str, str], read) -> None:
         """POST `body`, read the whole stream with `read`, report the request, TTFT and TPOT under `name`."""
         start = time.perf_counter()
-        with self.client.post(path, json=body, headers=headers, name=name, stream=True,
-                              catch_response=True) as response:
+        with self.client.post(
+            path, json=body, headers=headers, name=name, stream=True, catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
@@ -103,12 +106,24 @@ class _ChatUser(HttpUser):
         if not times:
             return  # an immediate end of turn: nothing to time
         fire = self.environment.events.request.fire
-        fire(request_type="TTFT", name=name, response_time=(times[0] - start) * 1000, response_length=0,
-             exception=None, context={})
+        fire(
+            request_type="TTFT",
+            name=name,
+            response_time=(times[0] - start) * 1000,
+            response_length=0,
+            exception=None,
+            context={},
+        )
         if len(times) > 1:
             tpot_ms = (times[-1] - times[0]) / (len(times) - 1) * 1000
-            fire(request_type="TPOT", name=name, response_time=tpot_ms, response_length=len(times),
-                 exception=None, context={})
+            fire(
+                request_type="TPOT",
+                name=name,
+                response_time=tpot_ms,
+                response_length=len(times),
+                exception=None,
+                context={},
+            )
 
 
 class SessionChatUser(_ChatUser):
@@ -119,8 +134,9 @@ class SessionChatUser(_ChatUser):
     @task
     def chat_turn(self) -> None:
         body = {"message": self.next_prompt(), "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.7, "stream": True}
-        self.stream(f"/sessions/{self.session_id}/generate", "/sessions/[id]/generate", body, self.headers(),
-                    read_native)
+        self.stream(
+            f"/sessions/{self.session_id}/generate", "/sessions/[id]/generate", body, self.headers(), read_native
+        )
 
 
 class OpenAIChatUser(_ChatUser):

@@ -38,19 +38,56 @@ def check_loopback(host: str) -> None:
         raise ValueError(f"load tests only target loopback; got host {host!r}")
 
 
-def run_locust(host: str, out_dir: Path, users: int, spawn_rate: float, run_time_s: int, max_new_tokens: int,
-               turns: int, user_classes: list[str]) -> tuple[int, float]:
+def run_locust(
+    host: str,
+    out_dir: Path,
+    users: int,
+    spawn_rate: float,
+    run_time_s: int,
+    max_new_tokens: int,
+    turns: int,
+    user_classes: list[str],
+) -> tuple[int, float]:
     """Run locust headless until `run_time_s` has passed and running replies have finished; return its exit code
     (1 when a request failed or the locustfile raised) and wall time."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-           "--users", str(users), "--spawn-rate", str(spawn_rate), "--run-time", f"{run_time_s}s",
-           "--stop-timeout", str(STOP_TIMEOUT_S), "--csv", str(out_dir / "locust"),
-           "--json-file", str(out_dir / "locust_final"), "--only-summary", "--loglevel", "WARNING", *user_classes]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        host,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(spawn_rate),
+        "--run-time",
+        f"{run_time_s}s",
+        "--stop-timeout",
+        str(STOP_TIMEOUT_S),
+        "--csv",
+        str(out_dir / "locust"),
+        "--json-file",
+        str(out_dir / "locust_final"),
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        *user_classes,
+    ]
     env = {"LOCUST_MAX_NEW_TOKENS": str(max_new_tokens), "LOCUST_TURNS": str(turns)}
     start = time.monotonic()
     with open(out_dir / "locust.log", "wb") as log:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, check=False,
-                                env={**os.environ, **env}, timeout=run_time_s + STOP_TIMEOUT_S + 60)
+        result = subprocess.run(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            check=False,
+            env={**os.environ, **env},
+            timeout=run_time_s + STOP_TIMEOUT_S + 60,
+        )
     return result.returncode, time.monotonic() - start
 
 
@@ -69,8 +106,12 @@ def percentile_ms(response_times: dict[float, int], fraction: float) -> float | 
 
 
 def _percentiles(response_times: dict[float, int]) -> dict:
-    return {"p50": percentile_ms(response_times, 0.5), "p95": percentile_ms(response_times, 0.95),
-            "p99": percentile_ms(response_times, 0.99), "samples": sum(response_times.values())}
+    return {
+        "p50": percentile_ms(response_times, 0.5),
+        "p95": percentile_ms(response_times, 0.95),
+        "p99": percentile_ms(response_times, 0.99),
+        "samples": sum(response_times.values()),
+    }
 
 
 def summarize(final_json: Path) -> dict:
@@ -87,8 +128,12 @@ def summarize(final_json: Path) -> dict:
             summary[f"{entry['method'].lower()}_ms"] = _percentiles(times)
             merged[entry["method"]].update(times)
         else:
-            summary.update(method=entry["method"], requests=entry["num_requests"], failures=entry["num_failures"],
-                           latency_ms=_percentiles(times))
+            summary.update(
+                method=entry["method"],
+                requests=entry["num_requests"],
+                failures=entry["num_failures"],
+                latency_ms=_percentiles(times),
+            )
     return {
         "requests": sum(e.get("requests", 0) for e in endpoints.values()),
         "replies": sum(e["requests"] for e in endpoints.values() if e.get("method") == "POST"),
@@ -99,10 +144,21 @@ def summarize(final_json: Path) -> dict:
     }
 
 
-def load_run(out_dir: Path, *, host: str | None = None, serve_env: dict[str, str] | None = None,
-             prometheus: bool = False, users: int = 3, spawn_rate: float | None = None, run_time_s: int = 30,
-             max_new_tokens: int = 32, turns: int = 6, user_classes: list[str] | None = None,
-             scrape_interval_s: float = 1.0, rate_interval: str = "15s") -> dict:
+def load_run(
+    out_dir: Path,
+    *,
+    host: str | None = None,
+    serve_env: dict[str, str] | None = None,
+    prometheus: bool = False,
+    users: int = 3,
+    spawn_rate: float | None = None,
+    run_time_s: int = 30,
+    max_new_tokens: int = 32,
+    turns: int = 6,
+    user_classes: list[str] | None = None,
+    scrape_interval_s: float = 1.0,
+    rate_interval: str = "15s",
+) -> dict:
     """One bounded load run; with `serve_env` (may be empty) the server is started here, else `host` must be up."""
     if (host is None) == (serve_env is None):
         raise ValueError("give exactly one of host (a running server) or serve_env (start one)")
@@ -115,16 +171,26 @@ def load_run(out_dir: Path, *, host: str | None = None, serve_env: dict[str, str
         if prometheus:
             target = urllib.parse.urlsplit(host).netloc
             prometheus_url = stack.enter_context(
-                run_prometheus(target, out_dir / "prometheus", f"{scrape_interval_s:g}s"))
+                run_prometheus(target, out_dir / "prometheus", f"{scrape_interval_s:g}s")
+            )
             _wait_first_scrape(prometheus_url, timeout_s=10 + 5 * scrape_interval_s)
         start, load_before = time.time(), os.getloadavg()[0]
-        exit_code, duration_s = run_locust(host, out_dir, users, spawn_rate or users, run_time_s, max_new_tokens,
-                                           turns, user_classes or [])
-        summary = {"host": host, "users": users, "run_time_s": run_time_s, "duration_s": round(duration_s, 1),
-                   "max_new_tokens": max_new_tokens, "turns_per_session": turns, "locust_exit_code": exit_code,
-                   # The CPU is shared: the 1-minute load average says how much else ran beside the load.
-                   "cpu_count": os.cpu_count(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                   **summarize(out_dir / "locust_final.json")}
+        exit_code, duration_s = run_locust(
+            host, out_dir, users, spawn_rate or users, run_time_s, max_new_tokens, turns, user_classes or []
+        )
+        summary = {
+            "host": host,
+            "users": users,
+            "run_time_s": run_time_s,
+            "duration_s": round(duration_s, 1),
+            "max_new_tokens": max_new_tokens,
+            "turns_per_session": turns,
+            "locust_exit_code": exit_code,
+            # The CPU is shared: the 1-minute load average says how much else ran beside the load.
+            "cpu_count": os.cpu_count(),
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            **summarize(out_dir / "locust_final.json"),
+        }
         if prometheus_url:
             # Two more scrapes, so the last requests are in Prometheus before it is asked.
             time.sleep(2 * scrape_interval_s + 0.5)
@@ -132,9 +198,17 @@ def load_run(out_dir: Path, *, host: str | None = None, serve_env: dict[str, str
             results = dashboard.evaluate(prometheus_url, start, end, rate_interval)
             summary["rate_interval"] = rate_interval
             summary["dashboard"] = [
-                {"panel": r.query.panel, "ref_id": r.query.ref_id, "promql": r.promql, "series": r.n_series,
-                 "finite_points": r.n_finite_points, "last": r.last_values, "has_data": r.has_data}
-                for r in results]
+                {
+                    "panel": r.query.panel,
+                    "ref_id": r.query.ref_id,
+                    "promql": r.promql,
+                    "series": r.n_series,
+                    "finite_points": r.n_finite_points,
+                    "last": r.last_values,
+                    "has_data": r.has_data,
+                }
+                for r in results
+            ]
             total = dashboard.instant(prometheus_url, "sum(h2o_requests_total)", end)
             summary["server_requests_total"] = float(total[0]["value"][1]) if total else None
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -174,16 +248,24 @@ def render(summary: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, e in summary["endpoints"].items():
-        lines.append(f"| `{e.get('method', '')} {name}` | {e.get('requests', 0)} | {e.get('failures', 0)} | {_fmt(e.get('ttft_ms'))} "
-                     f"| {_fmt(e.get('tpot_ms'))} | {_fmt(e.get('latency_ms'))} |")
+        lines.append(
+            f"| `{e.get('method', '')} {name}` | {e.get('requests', 0)} | {e.get('failures', 0)} "
+            f"| {_fmt(e.get('ttft_ms'))} | {_fmt(e.get('tpot_ms'))} | {_fmt(e.get('latency_ms'))} |"
+        )
     if "dashboard" in summary:
         empty = [d for d in summary["dashboard"] if not d["has_data"]]
-        lines += ["", f"Dashboard: {len(summary['dashboard'])} queries evaluated by Prometheus "
-                      f"($__rate_interval = {summary['rate_interval']}), {len(empty)} without data; "
-                      f"server-side sum(h2o_requests_total) = {summary['server_requests_total']:g}.", "",
-                  "| panel | query | series | finite points |", "|---|---|---|---|"]
-        lines += [f"| {d['panel']} | `{d['promql']}` | {d['series']} | {d['finite_points']} |"
-                  for d in summary["dashboard"]]
+        lines += [
+            "",
+            f"Dashboard: {len(summary['dashboard'])} queries evaluated by Prometheus "
+            f"($__rate_interval = {summary['rate_interval']}), {len(empty)} without data; "
+            f"server-side sum(h2o_requests_total) = {summary['server_requests_total']:g}.",
+            "",
+            "| panel | query | series | finite points |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d['panel']} | `{d['promql']}` | {d['series']} | {d['finite_points']} |" for d in summary["dashboard"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -202,10 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("user_classes", nargs="*", help="locust user classes (default: all)")
     args = parser.parse_args(argv)
-    summary = load_run(args.out, host=args.host, serve_env={} if args.serve else None, prometheus=args.prometheus,
-                       users=args.users, spawn_rate=args.spawn_rate, run_time_s=args.run_time,
-                       max_new_tokens=args.max_new_tokens, turns=args.turns, user_classes=args.user_classes,
-                       rate_interval=args.rate_interval)
+    summary = load_run(
+        args.out,
+        host=args.host,
+        serve_env={} if args.serve else None,
+        prometheus=args.prometheus,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        run_time_s=args.run_time,
+        max_new_tokens=args.max_new_tokens,
+        turns=args.turns,
+        user_classes=args.user_classes,
+        rate_interval=args.rate_interval,
+    )
     print(render(summary), end="")
     print(f"written to {args.out}")
     ok = summary["replies"] > 0 and summary["failures"] == 0 and summary["locust_exit_code"] == 0

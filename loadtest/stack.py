@@ -37,13 +37,15 @@ def log_tail(path: Path, n_chars: int = 3000) -> str:
 
 
 @contextmanager
-def process(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path = REPO,
-            stop_timeout_s: float = 10.0) -> Iterator[subprocess.Popen]:
+def process(
+    cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path = REPO, stop_timeout_s: float = 10.0
+) -> Iterator[subprocess.Popen]:
     """Run `cmd` with stdout+stderr to `log_path`; stop its whole process group on exit."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else None,
-                                cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else None, cwd=cwd, start_new_session=True
+        )
     try:
         yield proc
     finally:
@@ -81,10 +83,18 @@ def save_tiny_llama(path: Path) -> str:
     from h2o_cache.loading import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -115,8 +125,7 @@ def prometheus_config(target: str, scrape_interval: str) -> dict:
 
 
 def prometheus_binary() -> str | None:
-    return shutil.which("prometheus") or (
-        "/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
+    return shutil.which("prometheus") or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
 
 
 @contextmanager
@@ -129,8 +138,13 @@ def run_prometheus(target: str, workdir: Path, scrape_interval: str = "1s") -> I
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(prometheus_config(target, scrape_interval), sort_keys=False))
     port = free_port()
-    cmd = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-           f"--web.listen-address={LOOPBACK}:{port}", "--log.level=warn"]
+    cmd = [
+        binary,
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address={LOOPBACK}:{port}",
+        "--log.level=warn",
+    ]
     log_path = workdir / "prometheus.log"
     with process(cmd, log_path) as proc:
         base_url = f"http://{LOOPBACK}:{port}"

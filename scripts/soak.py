@@ -24,16 +24,28 @@ from pathlib import Path
 import httpx
 import psutil
 
-PROMPTS = ("Tell me a story about a lighthouse keeper.", "Go on, what happened next?",
-           "Describe the weather that night.", "Who else lived on the island?", "Continue the story.")
+PROMPTS = (
+    "Tell me a story about a lighthouse keeper.",
+    "Go on, what happened next?",
+    "Describe the weather that night.",
+    "Who else lived on the island?",
+    "Continue the story.",
+)
 
 
 def start_server(model: str, snapshot_dir: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "H2O_MODEL": model, "H2O_PORT": str(port),
-           "H2O_SNAPSHOT_DIR": snapshot_dir, "H2O_LOG_LEVEL": "warning", "H2O_MAX_NEW_TOKENS": "4096"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "H2O_MODEL": model,
+        "H2O_PORT": str(port),
+        "H2O_SNAPSHOT_DIR": snapshot_dir,
+        "H2O_LOG_LEVEL": "warning",
+        "H2O_MAX_NEW_TOKENS": "4096",
+    }
     proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=Path(__file__).resolve().parents[1], env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -63,22 +75,43 @@ def soak(url: str, pid: int | None, tokens: int, per_turn: int, max_minutes: flo
     deadline = time.monotonic() + max_minutes * 60
     with httpx.Client(base_url=url, timeout=600, headers=headers) as client:
         while generated < tokens and time.monotonic() < deadline:
-            body = {"message": PROMPTS[len(turns) % len(PROMPTS)], "stream": False, "temperature": 0.7,
-                    "seed": len(turns), "max_new_tokens": per_turn, "min_new_tokens": per_turn}
+            body = {
+                "message": PROMPTS[len(turns) % len(PROMPTS)],
+                "stream": False,
+                "temperature": 0.7,
+                "seed": len(turns),
+                "max_new_tokens": per_turn,
+                "min_new_tokens": per_turn,
+            }
             response = client.post("/sessions/soak/generate", json=body)
             if response.status_code != 200:
                 errors.append({"turn": len(turns), "status": response.status_code, "body": response.text[:300]})
                 continue
             result = response.json()
             generated += result["usage"]["completion_tokens"]
-            turns.append({"generated": generated, "tpot_s": result["tpot_s"], "ttft_s": result["ttft_s"],
-                          "cache_tokens": result["cache_tokens"], "cache_tokens_seen": result["cache_tokens_seen"],
-                          "rss_bytes": process.memory_info().rss if process else None})
-            print(f"turn {len(turns)}: {generated} tokens, tpot {result['tpot_s'] * 1e3:.1f} ms, cache "
-                  f"{result['cache_tokens']}/{result['cache_tokens_seen']}", file=sys.stderr)
-    summary = {"tokens": generated, "turns": len(turns), "errors": len(errors), "error_samples": errors[:5],
-               "tpot_ratio_last_over_first_10pct": ratio([t["tpot_s"] for t in turns]) if turns else None,
-               "max_cache_tokens": max((t["cache_tokens"] for t in turns), default=0)}
+            turns.append(
+                {
+                    "generated": generated,
+                    "tpot_s": result["tpot_s"],
+                    "ttft_s": result["ttft_s"],
+                    "cache_tokens": result["cache_tokens"],
+                    "cache_tokens_seen": result["cache_tokens_seen"],
+                    "rss_bytes": process.memory_info().rss if process else None,
+                }
+            )
+            print(
+                f"turn {len(turns)}: {generated} tokens, tpot {result['tpot_s'] * 1e3:.1f} ms, cache "
+                f"{result['cache_tokens']}/{result['cache_tokens_seen']}",
+                file=sys.stderr,
+            )
+    summary = {
+        "tokens": generated,
+        "turns": len(turns),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "tpot_ratio_last_over_first_10pct": ratio([t["tpot_s"] for t in turns]) if turns else None,
+        "max_cache_tokens": max((t["cache_tokens"] for t in turns), default=0),
+    }
     if process is not None and turns:
         summary["rss_ratio_last_over_first_10pct"] = ratio([t["rss_bytes"] for t in turns])
         summary["rss_first_last_mib"] = [turns[0]["rss_bytes"] / 2**20, turns[-1]["rss_bytes"] / 2**20]

@@ -36,10 +36,18 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
@@ -77,8 +85,9 @@ def serve(tiny_model) -> Iterator[Callable[..., Server]]:
     running = []
 
     def start(preloaded=None, **overrides) -> Server:
-        settings = Settings(**{"policy": SMALL_POLICY, "policy_slack": SMALL_SLACK, "replica_name": "test-replica",
-                               **overrides})
+        settings = Settings(
+            **{"policy": SMALL_POLICY, "policy_slack": SMALL_SLACK, "replica_name": "test-replica", **overrides}
+        )
         gen = run_server(create_app(settings, preloaded=preloaded or tiny_model))
         running.append(gen)
         return next(gen)

@@ -61,16 +61,18 @@ def test_sse_tokens_match_the_non_streaming_reply(server, tokenizer):
     text = "".join(t["text"] for t in tokens)
     assert text == whole["text"] == tokenizer.decode([t["token_id"] for t in tokens], skip_special_tokens=True)
     assert len(tokens) == done["usage"]["completion_tokens"] - (done["finish_reason"] == "stop")
-    assert {k: v for k, v in whole.items() if k not in ("text", "ttft_s", "tpot_s")} == \
-        {k: v for k, v in done.items() if k not in ("ttft_s", "tpot_s")}
+    assert {k: v for k, v in whole.items() if k not in ("text", "ttft_s", "tpot_s")} == {
+        k: v for k, v in done.items() if k not in ("ttft_s", "tpot_s")
+    }
     assert done["ttft_s"] > 0 and done["tpot_s"] > 0
 
 
 def test_sse_sends_keep_alive_pings(serve):
     server = serve(sse_ping_s=0.05)
-    with server.client() as client, client.stream(
-        "POST", "/sessions/ping/generate", json={"message": "hi", "max_new_tokens": 12}
-    ) as response:
+    with (
+        server.client() as client,
+        client.stream("POST", "/sessions/ping/generate", json={"message": "hi", "max_new_tokens": 12}) as response,
+    ):
         lines = list(response.iter_lines())
     assert any(line.startswith(":") for line in lines)
     assert "event: done" in lines
@@ -208,35 +210,87 @@ def _user(content: object, **fields) -> dict:
 # the session (the kv_dtype, which no valid name is this long, would get a different error: `unknown kv_dtype`);
 # (route, body, status, what the error message must say).
 OVER_CAP = {
-    "stop string chars": (NATIVE, {**ONE_NATIVE, "stop": ["s" * (MAX_STOP_CHARS + 1)]}, 422,
-                          f"at most {MAX_STOP_CHARS} characters"),
-    "stop strings": (NATIVE, {**ONE_NATIVE, "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}, 422,
-                     f"at most {MAX_STOP_STRINGS} items"),
-    "policy chars": (NATIVE, {**ONE_NATIVE, "policy": _policy(MAX_POLICY_CHARS + 1)}, 422,
-                     f"at most {MAX_POLICY_CHARS} characters"),
-    "kv_dtype chars": (NATIVE, {**ONE_NATIVE, "kv_dtype": "int8".ljust(MAX_KV_DTYPE_CHARS + 1)}, 422,
-                       f"at most {MAX_KV_DTYPE_CHARS} characters"),
+    "stop string chars": (
+        NATIVE,
+        {**ONE_NATIVE, "stop": ["s" * (MAX_STOP_CHARS + 1)]},
+        422,
+        f"at most {MAX_STOP_CHARS} characters",
+    ),
+    "stop strings": (
+        NATIVE,
+        {**ONE_NATIVE, "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]},
+        422,
+        f"at most {MAX_STOP_STRINGS} items",
+    ),
+    "policy chars": (
+        NATIVE,
+        {**ONE_NATIVE, "policy": _policy(MAX_POLICY_CHARS + 1)},
+        422,
+        f"at most {MAX_POLICY_CHARS} characters",
+    ),
+    "kv_dtype chars": (
+        NATIVE,
+        {**ONE_NATIVE, "kv_dtype": "int8".ljust(MAX_KV_DTYPE_CHARS + 1)},
+        422,
+        f"at most {MAX_KV_DTYPE_CHARS} characters",
+    ),
     "message chars": (NATIVE, {**ONE_NATIVE, "message": "x" * (CHARS + 1)}, 413, f"the limit is {CHARS}"),
     "system chars": (NATIVE, {**ONE_NATIVE, "system": "x" * (CHARS + 1)}, 413, f"the limit is {CHARS}"),
-    "chat messages": (CHAT, {**ONE_CHAT, "messages": [_user("hi")] * (MAX_CHAT_MESSAGES + 1)}, 422,
-                      f"at most {MAX_CHAT_MESSAGES} items"),
+    "chat messages": (
+        CHAT,
+        {**ONE_CHAT, "messages": [_user("hi")] * (MAX_CHAT_MESSAGES + 1)},
+        422,
+        f"at most {MAX_CHAT_MESSAGES} items",
+    ),
     "chat content chars": (CHAT, {**ONE_CHAT, "messages": [_user("x" * (CHARS + 1))]}, 413, f"the limit is {CHARS}"),
-    "chat system chars": (CHAT, {**ONE_CHAT, "messages": [{"role": "system", "content": "x" * (CHARS + 1)},
-                                                          _user("hi")]}, 413, f"the limit is {CHARS}"),
-    "chat content parts": (CHAT, {**ONE_CHAT, "messages": [
-        _user([{"type": "text", "text": "h"}] * (MAX_CONTENT_PARTS + 1))]}, 422, f"at most {MAX_CONTENT_PARTS}"),
-    "chat name chars": (CHAT, {**ONE_CHAT, "messages": [_user("hi", name="n" * (MAX_NAME_CHARS + 1))]}, 422,
-                        f"at most {MAX_NAME_CHARS} characters"),
-    "chat model chars": (CHAT, {**ONE_CHAT, "model": "m" * (MAX_MODEL_CHARS + 1)}, 422,
-                         f"at most {MAX_MODEL_CHARS} characters"),
-    "chat user chars": (CHAT, {**ONE_CHAT, "user": "u" * (MAX_USER_CHARS + 1)}, 422,
-                        f"at most {MAX_USER_CHARS} characters"),
-    "chat stop string chars": (CHAT, {**ONE_CHAT, "stop": "s" * (MAX_STOP_CHARS + 1)}, 422,
-                               f"at most {MAX_STOP_CHARS} characters"),
-    "chat stop list string chars": (CHAT, {**ONE_CHAT, "stop": ["s" * (MAX_STOP_CHARS + 1)]}, 422,
-                                    f"at most {MAX_STOP_CHARS} characters"),
-    "chat stop strings": (CHAT, {**ONE_CHAT, "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}, 422,
-                          f"at most {MAX_STOP_STRINGS} items"),
+    "chat system chars": (
+        CHAT,
+        {**ONE_CHAT, "messages": [{"role": "system", "content": "x" * (CHARS + 1)}, _user("hi")]},
+        413,
+        f"the limit is {CHARS}",
+    ),
+    "chat content parts": (
+        CHAT,
+        {**ONE_CHAT, "messages": [_user([{"type": "text", "text": "h"}] * (MAX_CONTENT_PARTS + 1))]},
+        422,
+        f"at most {MAX_CONTENT_PARTS}",
+    ),
+    "chat name chars": (
+        CHAT,
+        {**ONE_CHAT, "messages": [_user("hi", name="n" * (MAX_NAME_CHARS + 1))]},
+        422,
+        f"at most {MAX_NAME_CHARS} characters",
+    ),
+    "chat model chars": (
+        CHAT,
+        {**ONE_CHAT, "model": "m" * (MAX_MODEL_CHARS + 1)},
+        422,
+        f"at most {MAX_MODEL_CHARS} characters",
+    ),
+    "chat user chars": (
+        CHAT,
+        {**ONE_CHAT, "user": "u" * (MAX_USER_CHARS + 1)},
+        422,
+        f"at most {MAX_USER_CHARS} characters",
+    ),
+    "chat stop string chars": (
+        CHAT,
+        {**ONE_CHAT, "stop": "s" * (MAX_STOP_CHARS + 1)},
+        422,
+        f"at most {MAX_STOP_CHARS} characters",
+    ),
+    "chat stop list string chars": (
+        CHAT,
+        {**ONE_CHAT, "stop": ["s" * (MAX_STOP_CHARS + 1)]},
+        422,
+        f"at most {MAX_STOP_CHARS} characters",
+    ),
+    "chat stop strings": (
+        CHAT,
+        {**ONE_CHAT, "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]},
+        422,
+        f"at most {MAX_STOP_STRINGS} items",
+    ),
 }
 
 
@@ -260,8 +314,13 @@ def test_every_field_at_its_cap_is_accepted(server):
     stop = [chr(0x4E00 + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]  # never generated by the tiny model
     native = {**ONE_NATIVE, "stop": stop, "policy": _policy(MAX_POLICY_CHARS)}
     parts = [{"type": "text", "text": "h"}] * MAX_CONTENT_PARTS
-    chat = {**ONE_CHAT, "stop": stop, "model": "m" * MAX_MODEL_CHARS, "user": "u" * MAX_USER_CHARS,
-            "messages": [*[_user("hi")] * (MAX_CHAT_MESSAGES - 1), _user(parts, name="n" * MAX_NAME_CHARS)]}
+    chat = {
+        **ONE_CHAT,
+        "stop": stop,
+        "model": "m" * MAX_MODEL_CHARS,
+        "user": "u" * MAX_USER_CHARS,
+        "messages": [*[_user("hi")] * (MAX_CHAT_MESSAGES - 1), _user(parts, name="n" * MAX_NAME_CHARS)],
+    }
     with server.client() as client:
         served = client.post("/sessions/at-cap/generate", json=native)
         completion = client.post(CHAT, json=chat, headers={"X-Session-Id": "at-cap-chat"})
@@ -276,8 +335,10 @@ def test_every_field_at_its_cap_is_accepted(server):
 def test_policy_and_system_are_fixed_at_creation(server):
     with server.client() as client:
         generate(client, "fixed", "hi", system="You are terse.", policy="streaming_4_60", **GREEDY)
-        same = client.post("/sessions/fixed/generate", json={"message": "ok", "system": "You are terse.",
-                                                              "policy": "streaming_4_60", "stream": False, **GREEDY})
+        same = client.post(
+            "/sessions/fixed/generate",
+            json={"message": "ok", "system": "You are terse.", "policy": "streaming_4_60", "stream": False, **GREEDY},
+        )
         before = client.get("/sessions/fixed").json()
         new_policy = client.post("/sessions/fixed/generate", json={"message": "x", "policy": "h2o_4_16_64"})
         new_system = client.post("/sessions/fixed/generate", json={"message": "x", "system": "Be verbose."})
@@ -309,13 +370,18 @@ def test_api_keys_guard_the_api_but_not_health_or_metrics(serve):
         wrong = client.post("/sessions/k/generate", json={"message": "hi"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
         assert client.get("/sessions/k", headers={"X-API-Key": "key-one"}).status_code == 404  # nothing created
-        ok = client.post("/sessions/k/generate", json={"message": "hi", "stream": False, **GREEDY},
-                         headers={"Authorization": "Bearer key-two"})
+        ok = client.post(
+            "/sessions/k/generate",
+            json={"message": "hi", "stream": False, **GREEDY},
+            headers={"Authorization": "Bearer key-two"},
+        )
         assert ok.status_code == 200
         assert client.get("/sessions", headers={"X-API-Key": "key-one"}).status_code == 200
         assert client.get("/health").status_code == client.get("/metrics").status_code == 200
-        for header in ({"X-API-Key": "k" * (MAX_API_KEY_CHARS + 1)},
-                       {"Authorization": "Bearer " + "k" * (MAX_API_KEY_CHARS + 1)}):
+        for header in (
+            {"X-API-Key": "k" * (MAX_API_KEY_CHARS + 1)},
+            {"Authorization": "Bearer " + "k" * (MAX_API_KEY_CHARS + 1)},
+        ):
             too_long = client.get("/sessions", headers=header)
             assert too_long.status_code == 422 and "at most" in too_long.json()["error"]["message"]
 
@@ -323,8 +389,13 @@ def test_api_keys_guard_the_api_but_not_health_or_metrics(serve):
 def test_one_key_cannot_take_every_session(serve, tmp_path):
     """H2O_MAX_SESSIONS_PER_KEY counts a key's sessions in memory and on disk; the other key still gets its own,
     a refused request creates nothing, and deleting one makes room again."""
-    server = serve(api_keys="key-a,key-b", max_sessions=10, max_sessions_per_key=2, max_resident_sessions=1,
-                   snapshot_dir=str(tmp_path))
+    server = serve(
+        api_keys="key-a,key-b",
+        max_sessions=10,
+        max_sessions_per_key=2,
+        max_resident_sessions=1,
+        snapshot_dir=str(tmp_path),
+    )
     body = {"message": "hi", "stream": False, **GREEDY}
 
     def post(key: str, sid: str) -> httpx.Response:
@@ -349,8 +420,9 @@ def test_health_ready_and_the_replica_header(server):
         with client.stream("POST", "/sessions/replica/generate", json={"message": "x", **GREEDY}) as streamed:
             streamed.read()
     assert health.json() == {"status": "ok"} and ready.status_code == 200
-    assert {health.headers["x-h2o-replica"], ready.headers["x-h2o-replica"],
-            streamed.headers["x-h2o-replica"]} == {"test-replica"}
+    assert {health.headers["x-h2o-replica"], ready.headers["x-h2o-replica"], streamed.headers["x-h2o-replica"]} == {
+        "test-replica"
+    }
 
 
 def test_a_model_that_fails_to_load_is_reported_not_ready(tmp_path):
@@ -381,14 +453,18 @@ def test_a_misspelled_or_empty_setting_refuses_to_start(tmp_path):
     """`H2O_API_KEY` (singular) or `H2O_API_KEYS=" , "` would start an open server: the process exits first, naming
     the variable, before it loads anything."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("H2O_")}
-    for extra, message in (({"H2O_API_KEY": "secret"}, "H2O_API_KEY"), ({"H2O_API_KEYS": " , "}, "names nothing"),
-                           ({"H2O_API_KEYS": "k" * (MAX_API_KEY_CHARS + 1)}, "longer than")):
-        done = subprocess.run([sys.executable, "-m", "app"], env={**env, **extra}, capture_output=True, text=True,
-                              timeout=60)
+    for extra, message in (
+        ({"H2O_API_KEY": "secret"}, "H2O_API_KEY"),
+        ({"H2O_API_KEYS": " , "}, "names nothing"),
+        ({"H2O_API_KEYS": "k" * (MAX_API_KEY_CHARS + 1)}, "longer than"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "app"], env={**env, **extra}, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
-    assert Settings.unknown_variables({"H2O_POLICY": "full", "h2o_port": "1", "H2O_POLCY": "x", "HOME": "/",
-                                       "H2O_MODEL_CACHE": "/tmp"}) == [
-        "H2O_POLCY"]
+    assert Settings.unknown_variables(
+        {"H2O_POLICY": "full", "h2o_port": "1", "H2O_POLCY": "x", "HOME": "/", "H2O_MODEL_CACHE": "/tmp"}
+    ) == ["H2O_POLCY"]
 
 
 def test_without_keys_a_listing_shows_the_sessions_of_its_client_id(server):
@@ -396,8 +472,10 @@ def test_without_keys_a_listing_shows_the_sessions_of_its_client_id(server):
         for client_id, session_id in (("browser-a", "page-a"), ("browser-b", "page-b")):
             http.headers["X-H2O-Client"] = client_id
             generate(http, session_id, "hi", max_new_tokens=1)
-        listed = {c: {s["id"] for s in http.get("/sessions", headers={"X-H2O-Client": c}).json()["sessions"]}
-                  for c in ("browser-a", "browser-b")}
+        listed = {
+            c: {s["id"] for s in http.get("/sessions", headers={"X-H2O-Client": c}).json()["sessions"]}
+            for c in ("browser-a", "browser-b")
+        }
         del http.headers["X-H2O-Client"]
         anonymous = {s["id"] for s in http.get("/sessions").json()["sessions"]}
         assert listed == {"browser-a": {"page-a"}, "browser-b": {"page-b"}}

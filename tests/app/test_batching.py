@@ -13,8 +13,8 @@ import torch
 
 from app.batching import SlotPool
 from app.engine import Engine
-from app.sampling import SamplingParams
 from app.metrics import Metrics
+from app.sampling import SamplingParams
 from app.sessions import Session
 from app.settings import Settings
 from h2o_cache import CachePolicy, make_cache
@@ -31,21 +31,30 @@ GREEDY = {"temperature": 0.0}
 SEEDED = {"temperature": 1.0, "top_p": 0.9, "top_k": 50}
 
 
-def converse(model, conversations: dict[str, list[str]], sampling: dict, max_new: dict[str, int],
-             stagger_s: dict[str, float] | None = None, policies: dict[str, str] | None = None,
-             **settings) -> tuple[dict[str, list[list[int]]], dict]:
+def converse(
+    model,
+    conversations: dict[str, list[str]],
+    sampling: dict,
+    max_new: dict[str, int],
+    stagger_s: dict[str, float] | None = None,
+    policies: dict[str, str] | None = None,
+    **settings,
+) -> tuple[dict[str, list[list[int]]], dict]:
     """Run every conversation at once on a fresh engine (turn after turn within a session); the token ids of
     each turn, and the sessions' cache counters."""
-    engine = Engine(Settings(policy=SMALL_POLICY, policy_slack=SMALL_SLACK, max_running=16, **settings), Metrics(),
-                    preloaded=model)
+    engine = Engine(
+        Settings(policy=SMALL_POLICY, policy_slack=SMALL_SLACK, max_running=16, **settings), Metrics(), preloaded=model
+    )
     engine.start()
     deadline = time.monotonic() + 30
     while not engine.ready:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     policies = policies or {}
-    sessions = {sid: Session(id=sid, policy=CachePolicy.parse(policies.get(sid, SMALL_POLICY), slack=SMALL_SLACK))
-                for sid in conversations}
+    sessions = {
+        sid: Session(id=sid, policy=CachePolicy.parse(policies.get(sid, SMALL_POLICY), slack=SMALL_SLACK))
+        for sid in conversations
+    }
 
     async def one(sid: str) -> list[list[int]]:
         await asyncio.sleep((stagger_s or {}).get(sid, 0.0))
@@ -112,8 +121,9 @@ def test_sessions_join_and_leave_mid_generation(tiny_model, batch_sizes):
     alone, _ = converse(tiny_model, conversations, GREEDY, max_new, stagger, batching=False)
     batched, _ = converse(tiny_model, conversations, GREEDY, max_new, stagger)
     assert batched == alone
-    grew_after_shrinking = any(a < b for i, (a, b) in enumerate(zip(batch_sizes, batch_sizes[1:]))
-                               if any(x > a for x in batch_sizes[:i + 1]))
+    grew_after_shrinking = any(
+        a < b for i, (a, b) in enumerate(zip(batch_sizes, batch_sizes[1:])) if any(x > a for x in batch_sizes[: i + 1])
+    )
     assert grew_after_shrinking, batch_sizes
 
 

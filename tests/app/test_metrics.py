@@ -8,8 +8,11 @@ from tests.app.conftest import SMALL_POLICY, SMALL_SLACK, generate, scrape
 def test_metrics_match_what_was_generated(serve):
     server = serve()
     with server.client() as client:
-        dones = [generate(client, sid, f"hello {i}", max_new_tokens=12, temperature=0)[1]
-                 for i in range(2) for sid in ("m1", "m2")]
+        dones = [
+            generate(client, sid, f"hello {i}", max_new_tokens=12, temperature=0)[1]
+            for i in range(2)
+            for sid in ("m1", "m2")
+        ]
         assert client.post("/sessions/m1/generate", json={"message": ""}).status_code == 422
         sessions = client.get("/sessions").json()["sessions"]
         metrics = scrape(client)
@@ -31,8 +34,11 @@ def test_metrics_match_what_was_generated(serve):
     assert metrics["h2o_requests_running"] == metrics["h2o_requests_waiting"] == 0
 
     assert metrics["h2o_sessions_active"] == 2
-    assert metrics["h2o_kv_cache_tokens"] == sum(s["cache_tokens"] for s in sessions) == \
-        sum(d["cache_tokens"] for d in dones[2:])
+    assert (
+        metrics["h2o_kv_cache_tokens"]
+        == sum(s["cache_tokens"] for s in sessions)
+        == sum(d["cache_tokens"] for d in dones[2:])
+    )
     assert metrics["h2o_kv_cache_bytes"] == sum(s["cache_bytes"] for s in sessions) > 0
     assert metrics["h2o_cache_evictions_total"] == sum(s["evicted_tokens"] for s in sessions) > 0
     assert metrics["h2o_gpu_memory_allocated_bytes"] == metrics["h2o_gpu_memory_reserved_bytes"] == 0
@@ -47,15 +53,32 @@ def test_metrics_match_what_was_generated(serve):
 def test_metric_names_follow_prometheus_conventions(server):
     with server.client() as client:
         names = {name.split("{")[0] for name in scrape(client)}
-    expected = {"h2o_kv_cache_tokens", "h2o_kv_cache_bytes", "h2o_sessions_active", "h2o_gpu_memory_allocated_bytes",
-                "h2o_gpu_memory_reserved_bytes", "process_resident_memory_bytes",
-                "h2o_time_to_first_token_seconds_bucket", "h2o_time_per_output_token_seconds_bucket",
-                "h2o_prompt_tokens_total", "h2o_generation_tokens_total", "h2o_requests_total",
-                "h2o_requests_running", "h2o_requests_waiting", "h2o_cache_evictions_total",
-                "h2o_e2e_request_latency_seconds_bucket", "h2o_request_queue_time_seconds_bucket",
-                "h2o_request_prefill_time_seconds_bucket", "h2o_request_decode_time_seconds_bucket",
-                "h2o_inter_token_latency_seconds_bucket", "h2o_decode_batch_size_bucket", "h2o_kv_cache_usage_ratio",
-                "h2o_kv_cache_capacity_bytes", "h2o_requests_rejected_total", "h2o_build_info"}
+    expected = {
+        "h2o_kv_cache_tokens",
+        "h2o_kv_cache_bytes",
+        "h2o_sessions_active",
+        "h2o_gpu_memory_allocated_bytes",
+        "h2o_gpu_memory_reserved_bytes",
+        "process_resident_memory_bytes",
+        "h2o_time_to_first_token_seconds_bucket",
+        "h2o_time_per_output_token_seconds_bucket",
+        "h2o_prompt_tokens_total",
+        "h2o_generation_tokens_total",
+        "h2o_requests_total",
+        "h2o_requests_running",
+        "h2o_requests_waiting",
+        "h2o_cache_evictions_total",
+        "h2o_e2e_request_latency_seconds_bucket",
+        "h2o_request_queue_time_seconds_bucket",
+        "h2o_request_prefill_time_seconds_bucket",
+        "h2o_request_decode_time_seconds_bucket",
+        "h2o_inter_token_latency_seconds_bucket",
+        "h2o_decode_batch_size_bucket",
+        "h2o_kv_cache_usage_ratio",
+        "h2o_kv_cache_capacity_bytes",
+        "h2o_requests_rejected_total",
+        "h2o_build_info",
+    }
     assert expected <= names
 
 
@@ -69,13 +92,21 @@ def test_request_latency_metrics_after_vllms_set(serve):
 
     server = serve(max_sessions=8)
     with server.client() as client:
-        dones = [generate(client, "v1", "hello", max_new_tokens=7, temperature=0)[1],
-                 generate(client, "v2", "hi there", max_new_tokens=1)[1]]
+        dones = [
+            generate(client, "v1", "hello", max_new_tokens=7, temperature=0)[1],
+            generate(client, "v2", "hi there", max_new_tokens=1)[1],
+        ]
         plain = client.post("/sessions/v1/generate", json={"message": "more", "max_new_tokens": 5, "stream": False})
         dones.append(plain.json())
         # Three long streams at once share decode steps.
-        threads = [threading.Thread(target=lambda sid=sid: dones.append(
-            generate(client, sid, "go", max_new_tokens=48, min_new_tokens=48)[1])) for sid in ("b1", "b2", "b3")]
+        threads = [
+            threading.Thread(
+                target=lambda sid=sid: dones.append(
+                    generate(client, sid, "go", max_new_tokens=48, min_new_tokens=48)[1]
+                )
+            )
+            for sid in ("b1", "b2", "b3")
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -86,8 +117,12 @@ def test_request_latency_metrics_after_vllms_set(serve):
     turns = len(dones)
     tokens = [d["usage"]["completion_tokens"] for d in dones]
     assert turns == 6 and sum(tokens) == metrics["h2o_generation_tokens_total"]
-    for name in ("h2o_request_queue_time_seconds", "h2o_request_prefill_time_seconds",
-                 "h2o_request_decode_time_seconds", "h2o_e2e_request_latency_seconds"):
+    for name in (
+        "h2o_request_queue_time_seconds",
+        "h2o_request_prefill_time_seconds",
+        "h2o_request_decode_time_seconds",
+        "h2o_e2e_request_latency_seconds",
+    ):
         assert metrics[f"{name}_count"] == turns, name
         assert metrics[f'{name}_bucket{{le="+Inf"}}'] == turns, name
     # Every token after a turn's first is one observation; together they span first to last token of each turn.
@@ -96,16 +131,17 @@ def test_request_latency_metrics_after_vllms_set(serve):
     assert metrics["h2o_inter_token_latency_seconds_sum"] == pytest.approx(decode_s, rel=1e-6)
     assert metrics["h2o_request_decode_time_seconds_sum"] == pytest.approx(decode_s, rel=1e-6)
     assert metrics["h2o_time_to_first_token_seconds_sum"] == pytest.approx(
-        metrics["h2o_request_queue_time_seconds_sum"] + metrics["h2o_request_prefill_time_seconds_sum"], rel=1e-6)
-    assert metrics["h2o_e2e_request_latency_seconds_sum"] >= \
-        metrics["h2o_time_to_first_token_seconds_sum"] + decode_s
+        metrics["h2o_request_queue_time_seconds_sum"] + metrics["h2o_request_prefill_time_seconds_sum"], rel=1e-6
+    )
+    assert metrics["h2o_e2e_request_latency_seconds_sum"] >= metrics["h2o_time_to_first_token_seconds_sum"] + decode_s
     # One observation per step that sampled: their sum is every token; the concurrent streams batched.
     assert metrics["h2o_decode_batch_size_sum"] == sum(tokens)
     assert metrics['h2o_decode_batch_size_bucket{le="1.0"}'] < metrics["h2o_decode_batch_size_count"]
 
     model = server.app.state.server.engine.model
-    per_session = session_nbytes(model.config, CachePolicy.parse(SMALL_POLICY, slack=SMALL_SLACK,
-                                                                 default_kv_dtype="k8v4"), model.dtype)
+    per_session = session_nbytes(
+        model.config, CachePolicy.parse(SMALL_POLICY, slack=SMALL_SLACK, default_kv_dtype="k8v4"), model.dtype
+    )
     assert metrics["h2o_kv_cache_capacity_bytes"] == 8 * per_session
     held = sum(s["cache_bytes"] for s in sessions)
     assert metrics["h2o_kv_cache_usage_ratio"] == pytest.approx(held / (8 * per_session)) and 0 < held
@@ -117,8 +153,7 @@ def test_request_latency_metrics_after_vllms_set(serve):
 
 
 def test_kv_capacity_follows_the_session_limits(serve, tmp_path):
-    server = serve(max_sessions=100, max_resident_sessions=3, max_session_bytes=50_000,
-                   snapshot_dir=str(tmp_path))
+    server = serve(max_sessions=100, max_resident_sessions=3, max_session_bytes=50_000, snapshot_dir=str(tmp_path))
     with server.client() as client:
         metrics = scrape(client)
     assert metrics["h2o_kv_cache_capacity_bytes"] == 3 * 50_000

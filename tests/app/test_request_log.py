@@ -52,15 +52,19 @@ def test_a_turn_logs_its_request_id_session_hash_status_tokens_and_timings(serve
     server = serve(api_keys=KEY)
     headers = {"X-Request-Id": "client-req-42", "Authorization": f"Bearer {KEY}"}
     with server.client(headers=headers) as client:
-        with client.stream("POST", "/sessions/alice-secret/generate",
-                           json={"message": "hello", "max_new_tokens": 6, "temperature": 0}) as response:
+        with client.stream(
+            "POST", "/sessions/alice-secret/generate", json={"message": "hello", "max_new_tokens": 6, "temperature": 0}
+        ) as response:
             assert response.headers["x-request-id"] == "client-req-42"
             events = list(sse_events(response))
         done = events[-1][1]
         assert events[-1][0] == "done"
         record = request_log.wait("client-req-42")
-        plain = client.post("/sessions/alice-secret/generate", headers={"X-Request-Id": "client-req-43"},
-                            json={"message": "again", "max_new_tokens": 4, "stream": False})
+        plain = client.post(
+            "/sessions/alice-secret/generate",
+            headers={"X-Request-Id": "client-req-43"},
+            json={"message": "again", "max_new_tokens": 4, "stream": False},
+        )
         assert plain.status_code == 200 and plain.headers["x-request-id"] == "client-req-43"
         plain_record = request_log.wait("client-req-43")
 
@@ -78,8 +82,14 @@ def test_a_turn_logs_its_request_id_session_hash_status_tokens_and_timings(serve
     assert fields["duration_ms"] >= fields["ttft_ms"] > 0
     text = record.getMessage()
     assert text.startswith("POST /sessions/{session_id}/generate 200 request_id=client-req-42 ")
-    for part in (f"session={sha('alice-secret')}", "prompt_tokens=", "completion_tokens=6", "ttft_ms=", "tpot_ms=",
-                 "duration_ms="):
+    for part in (
+        f"session={sha('alice-secret')}",
+        "prompt_tokens=",
+        "completion_tokens=6",
+        "ttft_ms=",
+        "tpot_ms=",
+        "duration_ms=",
+    ):
         assert part in text, text
     assert plain_record.h2o_fields["completion_tokens"] == plain.json()["usage"]["completion_tokens"]
     assert "stream" not in plain_record.h2o_fields
@@ -92,9 +102,10 @@ def test_a_turn_logs_its_request_id_session_hash_status_tokens_and_timings(serve
 def test_a_missing_or_insane_request_id_is_replaced_by_a_generated_one(serve, request_log):
     server = serve()
     with server.client() as client:
-        ids = [client.get("/health", headers=headers).headers["x-request-id"]
-               for headers in ({}, {"X-Request-Id": "has space"}, {"X-Request-Id": "x" * 129},
-                               {"X-Request-Id": 'quote"d'})]
+        ids = [
+            client.get("/health", headers=headers).headers["x-request-id"]
+            for headers in ({}, {"X-Request-Id": "has space"}, {"X-Request-Id": "x" * 129}, {"X-Request-Id": 'quote"d'})
+        ]
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 4
     # Probes are logged at DEBUG, so they stay out of an INFO log.
     assert all(request_log.wait(i).levelno == logging.DEBUG for i in ids)
@@ -105,8 +116,11 @@ def test_json_lines_parse_and_hold_the_fields(serve, request_log):
     with server.client() as client:
         _, done = generate(client, "json-log", "hi", max_new_tokens=3)
         assert client.get("/no/such/route", headers={"X-Request-Id": "r404"}).status_code == 404
-        response = client.post("/v1/chat/completions", headers={"X-Request-Id": "openai-1"},
-                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        response = client.post(
+            "/v1/chat/completions",
+            headers={"X-Request-Id": "openai-1"},
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
     lines = [JsonFormatter().format(r) for r in (request_log.wait("openai-1"), request_log.wait("r404"))]
     assert all("\n" not in line for line in lines)
     chat, missing = map(json.loads, lines)
@@ -133,8 +147,12 @@ def test_a_stream_that_ends_in_an_error_event_is_logged_at_error_with_its_cause(
 
     with server.client() as client:
         monkeypatch.setattr(app.engine, "sample", failing_sample)
-        with client.stream("POST", "/sessions/failing/generate", headers={"X-Request-Id": "broken-stream"},
-                           json={"message": "boom", "max_new_tokens": 4}) as response:
+        with client.stream(
+            "POST",
+            "/sessions/failing/generate",
+            headers={"X-Request-Id": "broken-stream"},
+            json={"message": "boom", "max_new_tokens": 4},
+        ) as response:
             assert response.status_code == 200
             events = list(sse_events(response))
         monkeypatch.setattr(app.engine, "sample", real_sample)
@@ -155,11 +173,15 @@ def test_rejections_are_logged_at_warning_and_counted_by_reason(serve, request_l
     server = serve(max_sessions=1)
     with server.client() as client:
         generate(client, "only", "hi", max_new_tokens=2)
-        refused = client.post("/sessions/another/generate", headers={"X-Request-Id": "refused"},
-                              json={"message": "hi", "max_new_tokens": 2})
+        refused = client.post(
+            "/sessions/another/generate",
+            headers={"X-Request-Id": "refused"},
+            json={"message": "hi", "max_new_tokens": 2},
+        )
         server.app.state.server.draining = True
-        draining = client.post("/sessions/only/generate", headers={"X-Request-Id": "draining"},
-                               json={"message": "hi", "max_new_tokens": 2})
+        draining = client.post(
+            "/sessions/only/generate", headers={"X-Request-Id": "draining"}, json={"message": "hi", "max_new_tokens": 2}
+        )
         server.app.state.server.draining = False
         metrics = scrape(client)
     assert refused.status_code == 429 and draining.status_code == 503

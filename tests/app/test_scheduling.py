@@ -14,9 +14,12 @@ from tests.app.conftest import generate, sse_events
 
 def timed_tokens(server, session_id: str, max_new_tokens: int, started: threading.Event | None = None) -> list[float]:
     times = []
-    with server.client() as client, client.stream(
-        "POST", f"/sessions/{session_id}/generate", json={"message": "go", "max_new_tokens": max_new_tokens}
-    ) as response:
+    with (
+        server.client() as client,
+        client.stream(
+            "POST", f"/sessions/{session_id}/generate", json={"message": "go", "max_new_tokens": max_new_tokens}
+        ) as response,
+    ):
         for event, _ in sse_events(response):
             if event == "token":
                 times.append(time.monotonic())
@@ -44,7 +47,7 @@ def test_stop_string_ends_the_reply_without_emitting_it(server):
     body = {"max_new_tokens": 16, "temperature": 0}
     with server.client() as client:
         full = client.post("/sessions/stop-ref/generate", json={"message": "hi", "stream": False, **body}).json()
-        stop = full["text"][len(full["text"]) // 2:][:3]
+        stop = full["text"][len(full["text"]) // 2 :][:3]
         prefix = full["text"][: full["text"].index(stop)]
         tokens, done = generate(client, "stop", "hi", stop=["never-there", stop], **body)
     assert done["finish_reason"] == "stop"
@@ -107,8 +110,10 @@ def test_a_failure_mid_turn_reports_an_error_and_rolls_the_session_back(serve, m
     assert rolled_back["cache_tokens"] == 0
     # The rebuilt cache re-reads the kept history once: the whole first turn plus the new message.
     assert after["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
-    assert session["turns"] == 2 and [m["content"] for m in session["messages"] if m["role"] == "user"] == \
-        ["hello", "again"]
+    assert session["turns"] == 2 and [m["content"] for m in session["messages"] if m["role"] == "user"] == [
+        "hello",
+        "again",
+    ]
 
 
 def test_the_session_limit_answers_429(serve):

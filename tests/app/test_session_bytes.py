@@ -69,8 +69,12 @@ def test_kv_dtype_round_trips_through_the_api_and_a_restart(tiny_model, tmp_path
     """Chosen by field, by name suffix or by default; a restarted server continues each session with the tokens
     an uninterrupted one gives."""
     settings = Settings(policy=SMALL_POLICY, policy_slack=SMALL_SLACK, snapshot_dir=str(tmp_path))
-    chosen = {"field": ({"kv_dtype": "int8"}, "int8"), "suffix": ({"policy": "h2o_4_8_32_int4"}, "int4"),
-              "both": ({"policy": "h2o_4_8_32_fp16", "kv_dtype": "fp16"}, "fp16"), "default": ({}, DEFAULT_KV_DTYPE)}
+    chosen = {
+        "field": ({"kv_dtype": "int8"}, "int8"),
+        "suffix": ({"policy": "h2o_4_8_32_int4"}, "int4"),
+        "both": ({"policy": "h2o_4_8_32_fp16", "kv_dtype": "fp16"}, "fp16"),
+        "default": ({}, DEFAULT_KV_DTYPE),
+    }
     first = run_server(create_app(settings, preloaded=tiny_model))
     server = next(first)
     try:
@@ -126,18 +130,25 @@ def test_over_the_limits_or_unknown_kv_dtype_gets_422_and_creates_nothing(serve,
             if body == {"kv_dtype": "fp32"}:
                 assert f"{over:,} bytes" in response.json()["error"]["message"]
             assert client.get("/sessions/refused").status_code == 404
-        openai = client.post("/v1/chat/completions", headers={"X-Session-Id": "refused", "X-H2O-KV-Dtype": "int3"},
-                             json={"messages": [{"role": "user", "content": "hi"}]})
+        openai = client.post(
+            "/v1/chat/completions",
+            headers={"X-Session-Id": "refused", "X-H2O-KV-Dtype": "int3"},
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
         assert openai.status_code == 422 and client.get("/sessions/refused").status_code == 404
         assert client.get("/sessions").json()["sessions"] == []
 
         generate(client, "kept", "hi", kv_dtype="int8", max_new_tokens=4, **GREEDY)
         before = client.get("/sessions/kept").json()
         other = client.post("/sessions/kept/generate", json={"message": "x", "kv_dtype": "k8v4"})
-        same = client.post("/sessions/kept/generate", json={"message": "x", "kv_dtype": "int8", "stream": False,
-                                                            "max_new_tokens": 4, **GREEDY})
-        by_name = client.post("/sessions/kept/generate", json={"message": "x", "policy": SMALL_POLICY,
-                                                               "stream": False, "max_new_tokens": 4, **GREEDY})
+        same = client.post(
+            "/sessions/kept/generate",
+            json={"message": "x", "kv_dtype": "int8", "stream": False, "max_new_tokens": 4, **GREEDY},
+        )
+        by_name = client.post(
+            "/sessions/kept/generate",
+            json={"message": "x", "policy": SMALL_POLICY, "stream": False, "max_new_tokens": 4, **GREEDY},
+        )
     assert other.status_code == 422 and "kv_dtype int8" in other.json()["error"]["message"]
     assert same.status_code == by_name.status_code == 200  # unsaid parts of a policy are the session's own
     assert before["kv_dtype"] == "int8"
@@ -189,8 +200,9 @@ def test_the_pool_gauge_follows_the_pool(tiny_model, monkeypatch):
     sessions = [Session(id=f"p{i}", policy=policy) for i in range(3)]
 
     async def turn(session: Session, n: int) -> None:
-        generation = engine.submit(session, [{"role": "user", "content": "hello"}],
-                                   SamplingParams(max_new_tokens=n, min_new_tokens=n))
+        generation = engine.submit(
+            session, [{"role": "user", "content": "hello"}], SamplingParams(max_new_tokens=n, min_new_tokens=n)
+        )
         async for _ in generation:
             pass
 

@@ -3,9 +3,9 @@
 import time
 
 import pytest
-from h2o_cache import CachePolicy
 
 from app.sessions import Session, SessionLimitError, SessionStore
+from h2o_cache import CachePolicy
 
 POLICY = CachePolicy.parse("h2o_4_8_32")
 

@@ -12,8 +12,16 @@ from app.snapshots import SnapshotCorruptError, SnapshotStore, _canonical, file_
 from h2o_cache import CachePolicy
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "{stem}.0123456789abcdef.safetensors/..",
-                                  "{other}.0123456789abcdef.safetensors", None])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside.safetensors",
+        "/etc/passwd",
+        "{stem}.0123456789abcdef.safetensors/..",
+        "{other}.0123456789abcdef.safetensors",
+        None,
+    ],
+)
 def test_a_snapshot_cannot_point_outside_its_own_tensor_files(tmp_path, name):
     """A document with a valid checksum whose tensor file is not `<its stem>.<16 hex>.safetensors` in the snapshot
     directory is corrupt: nothing outside is read."""
@@ -66,8 +74,10 @@ def test_a_format_1_snapshot_is_read_and_upgraded_by_its_next_save(tmp_path):
     (tmp_path / f"{file_stem('old')}.json").write_text(json.dumps(document))
     session = Session.from_snapshot(store.load("old"))
     assert session.unsaved == messages and session.message_count == 2
-    assert (session.fed_prompt, session.fed_reply) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
-                                                       "hello<|im_end|>")
+    assert (session.fed_prompt, session.fed_reply) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "hello<|im_end|>",
+    )
     save_turn(store, session, [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}])
     record = store.read_record("old")
     assert record.transcript.messages == record.message_count == 4

@@ -150,10 +150,12 @@ def test_send_a_message_and_see_the_reply_stream_in(server, browser):
     wait.until(lambda d: "web-1" in d.find_element(By.ID, "sessions").text)
 
 
-XSS_REPLY = ("Here is **bold** text and code:\n\n```python\nprint('hi')\n```\n\n"
-             "<script>alert(1)</script>\n\n"
-             "Inline <img src=x onerror=\"window.pwned='img'\"> and [a link](javascript:window.pwned='link') and "
-             "![a picture](http://127.0.0.1:9/x.png)")
+XSS_REPLY = (
+    "Here is **bold** text and code:\n\n```python\nprint('hi')\n```\n\n"
+    "<script>alert(1)</script>\n\n"
+    "Inline <img src=x onerror=\"window.pwned='img'\"> and [a link](javascript:window.pwned='link') and "
+    "![a picture](http://127.0.0.1:9/x.png)"
+)
 
 
 @browser_test
@@ -162,10 +164,17 @@ def test_replies_render_markdown_and_html_in_them_stays_inert(server, browser):
     stateless request's history is prefilled into a new session) renders as markdown with the HTML as text."""
     page = Page(browser, server.url)
     with page.api(server) as client:
-        response = client.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [
-            {"role": "user", "content": "Show me markdown"},
-            {"role": "assistant", "content": XSS_REPLY},
-            {"role": "user", "content": "Thanks <img src=x onerror=\"window.pwned='user'\">"}]})
+        response = client.post(
+            "/v1/chat/completions",
+            json={
+                "max_tokens": 4,
+                "messages": [
+                    {"role": "user", "content": "Show me markdown"},
+                    {"role": "assistant", "content": XSS_REPLY},
+                    {"role": "user", "content": "Thanks <img src=x onerror=\"window.pwned='user'\">"},
+                ],
+            },
+        )
         assert response.status_code == 200, response.text
         (session,) = client.get("/sessions").json()["sessions"]
     browser.find_element(By.ID, "refresh").click()
@@ -189,8 +198,11 @@ def test_replies_render_markdown_and_html_in_them_stays_inert(server, browser):
 
     # The same renderer on a streamed reply: a turn continues the session and renders as it streams.
     page.send("And one more")
-    assert page.texts("user") == ["Show me markdown", "Thanks <img src=x onerror=\"window.pwned='user'\">",
-                                  "And one more"]
+    assert page.texts("user") == [
+        "Show me markdown",
+        "Thanks <img src=x onerror=\"window.pwned='user'\">",
+        "And one more",
+    ]
     assert page.find_all(".msg.assistant strong")[0].text == "bold"
     with page.api(server) as client:
         assert client.get(f"/sessions/{session['id']}").json()["turns"] == 2  # prefilled turn + the browser's
@@ -224,7 +236,10 @@ def test_regenerate_forks_a_new_session_and_never_duplicates_a_turn(server, brow
     page.send("third question")
     with page.api(server) as client:
         assert [m["content"] for m in client.get(f"/sessions/{new}").json()["messages"] if m["role"] == "user"] == [
-            "first line\nsecond line", "second question", "third question"]
+            "first line\nsecond line",
+            "second question",
+            "third question",
+        ]
 
 
 @browser_test
@@ -275,7 +290,7 @@ def test_stop_ends_the_stream_and_the_generation(server, browser):
         const observer = new MutationObserver(check);
         if (!check()) observer.observe(document.getElementById("messages"), {childList: true, subtree: true});
     """)
-    reply = page.find(".msg.assistant")
+    page.find(".msg.assistant")
     page.wait.until(lambda d: page.find_all(".note") and page.idle())
 
     assert "stopped" in page.find(".note").text and not page.find_all(".stats")

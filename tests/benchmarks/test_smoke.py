@@ -48,8 +48,12 @@ def test_oracle_smoke(tmp_path):
     header, rows = table_shape((tmp_path / "oracle.md").read_text())
     assert header == oracle.columns_for(["wikitext", "pg19", "heldout"])
     assert [r[:2] for r in rows] == [
-        ["baseline", "-"], ["streaming_4_64", "-"], ["h2o_4_16_64", oracle.PAST],
-        ["h2o_4_16_64", "future attention (oracle)"], ["h2o_4_16_64", "future attention, next 32 (oracle)"]]
+        ["baseline", "-"],
+        ["streaming_4_64", "-"],
+        ["h2o_4_16_64", oracle.PAST],
+        ["h2o_4_16_64", "future attention (oracle)"],
+        ["h2o_4_16_64", "future attention, next 32 (oracle)"],
+    ]
     results = json.loads((tmp_path / "oracle.json").read_text())["results"]
     h2o = [r for r in results if r["policy"] == "h2o_4_16_64"]
     assert all(r["evicted_tokens"] > 0 and r["kept_tokens_max"] <= 64 + 64 for r in h2o)
@@ -97,7 +101,6 @@ def test_recall_questions_match_a_plain_forward():
     torch.testing.assert_close(torch.tensor(first["token_logprobs"]), expected, atol=1e-4, rtol=1e-4)
     assert first["generated"] == session.tokenizer.decode(greedy[270:])
     assert first["max_position"] == 274
-
 
 
 def test_bytes_smoke(tmp_path):
@@ -178,7 +181,9 @@ def test_speed_smoke(tmp_path):
     payload = json.loads((tmp_path / "speed.json").read_text())
     overhead = payload["overhead"]
     assert [(r["config"], r["context"], r["held_tokens"]) for r in overhead] == [
-        ("h2o_4_16_64", 128, 96), ("h2o_4_16_64", 256, 96)]
+        ("h2o_4_16_64", 128, 96),
+        ("h2o_4_16_64", 256, 96),
+    ]
     baseline_96 = next(r for r in payload["results"] if r["config"] == "baseline" and r["context"] == 96)
     assert all(r["base_same_size_ms"] == baseline_96["tpot_mean_ms"] for r in overhead)
     assert (tmp_path / "speed_tpot.png").stat().st_size > 0
@@ -217,8 +222,14 @@ def test_eviction_smoke(tmp_path):
     header, rows = table_shape((tmp_path / "eviction.md").read_text())
     assert header == ["Rows", "Variant", "Per layer-step (us)", "Per model step (ms)"]
     one_row = ["overwrite (no rolling)", "gather, slack 0", "gather, slack 16", "gather, slack 64"]
-    four_rows = ["overwrite (no rolling)", "gather, slack 0", "gather, slack 16", "gather, slack 16, rows out of phase",
-                 "gather, slack 64", "gather, slack 64, rows out of phase"]
+    four_rows = [
+        "overwrite (no rolling)",
+        "gather, slack 0",
+        "gather, slack 16",
+        "gather, slack 16, rows out of phase",
+        "gather, slack 64",
+        "gather, slack 64, rows out of phase",
+    ]
     assert [(r[0], r[1]) for r in rows] == [("1", v) for v in one_row] + [("4", v) for v in four_rows]
     assert all(float(r[3]) > 0 for r in rows)
 

@@ -21,8 +21,14 @@ VOCAB = 97
 def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, layers: int = 2, **rope) -> PreTrainedModel:
     """A seeded tiny model: 4 query heads over 2 KV heads (GQA) where the family has it."""
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, max_position_embeddings=4096)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=4096,
+    )
     if family == "llama":
         config = LlamaConfig(num_key_value_heads=2, **common, **rope)
         model = LlamaForCausalLM(config)

@@ -51,8 +51,14 @@ def test_generate_left_padded_batch3_matches_dynamic_cache(family, policy, rolli
     monkeypatch.setattr("h2o_cache.cache._CAUSAL_BLOCK", causal_block)
     model = tiny_model(family)
     ids, mask = _left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         ref = model.generate(ids, **kwargs)
         got = model.generate(ids, past_key_values=make_cache(model, policy, rolling=rolling, chunk_size=16), **kwargs)

@@ -34,8 +34,9 @@ def test_enable_streaming_with_sampling_keeps_window():
     model = tiny_model("qwen2")
     enable_streaming_llm(model, n_sink=4, window_size=24, slack=0)
     with torch.no_grad():
-        out = model.generate(torch.randint(1, VOCAB, (2, 30)), **{**GEN, "do_sample": True, "top_k": 20,
-                                                                   "max_new_tokens": 40})
+        out = model.generate(
+            torch.randint(1, VOCAB, (2, 30)), **{**GEN, "do_sample": True, "top_k": 20, "max_new_tokens": 40}
+        )
     cache = out.past_key_values
     assert cache.kept_tokens() == 24
     kept = cache.layers[0].slot("position")

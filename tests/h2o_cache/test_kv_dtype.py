@@ -20,8 +20,9 @@ INTEGER = {"int8": (8, 64, False), "int4": (4, 32, True)}  # bits, group of the 
 LOGIT_BOUND = {"int8": 0.02, "k8v4": 0.1, "int4": 0.2}
 
 
-def _plain_quantize(x: torch.Tensor, bits: int, group: int, turn: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _plain_quantize(
+    x: torch.Tensor, bits: int, group: int, turn: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each vector times the 64x64 Hadamard matrix (Kronecker powers of [[1, 1], [1, -1]], over 8) if ``turn``,
     then one group at a time: zero point = fp16 minimum, scale = fp16 (max - zero) / levels, codes rounded."""
     levels = 2**bits - 1
@@ -193,10 +194,19 @@ def test_a_short_session_holds_only_its_pages_and_release_keeps_the_logits():
     assert kept.nbytes() == session_nbytes(model.config, policy, torch.float32)
 
 
-@pytest.mark.parametrize("policy,options", [("h2o_4_16_64", {}), ("h2o_4_16_64_bf16", {}), ("h2o_4_16_64_int8", {}),
-                                            ("h2o_4_16_64_k8v4", {}), ("streaming_4_64_int4", {}),
-                                            ("h2o_4_16_64_int4", {"score_mode": "keydiff"}), ("full_int8", {}),
-                                            ("h2o_4_16_64_k8v4", {"rolling": False})])
+@pytest.mark.parametrize(
+    "policy,options",
+    [
+        ("h2o_4_16_64", {}),
+        ("h2o_4_16_64_bf16", {}),
+        ("h2o_4_16_64_int8", {}),
+        ("h2o_4_16_64_k8v4", {}),
+        ("streaming_4_64_int4", {}),
+        ("h2o_4_16_64_int4", {"score_mode": "keydiff"}),
+        ("full_int8", {}),
+        ("h2o_4_16_64_k8v4", {"rolling": False}),
+    ],
+)
 @pytest.mark.parametrize("n_tokens", [30, 100, 300])
 def test_the_capacity_formula_is_what_a_cache_holds(policy, options, n_tokens):
     model = tiny_model("llama")

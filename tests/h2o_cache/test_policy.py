@@ -51,11 +51,14 @@ def test_replace_refuses_unknown_options_too():
         CachePolicy.parse("h2o_8_32_256").replace(bogus=1)
 
 
-@pytest.mark.parametrize(("name", "options", "kv_dtype"), [
-    ("h2o_8_32_256", {}, "k8v4"),  # neither the name nor the options say: the default
-    ("h2o_8_32_256_int4", {}, "int4"),  # the name's suffix wins over the default
-    ("h2o_8_32_256_auto", {}, "auto"),
-    ("h2o_8_32_256", {"kv_dtype": "fp16"}, "fp16"),  # so do the options
-])
+@pytest.mark.parametrize(
+    ("name", "options", "kv_dtype"),
+    [
+        ("h2o_8_32_256", {}, "k8v4"),  # neither the name nor the options say: the default
+        ("h2o_8_32_256_int4", {}, "int4"),  # the name's suffix wins over the default
+        ("h2o_8_32_256_auto", {}, "auto"),
+        ("h2o_8_32_256", {"kv_dtype": "fp16"}, "fp16"),  # so do the options
+    ],
+)
 def test_default_kv_dtype_applies_only_when_nothing_names_one(name, options, kv_dtype):
     assert CachePolicy.parse(name, default_kv_dtype="k8v4", **options).kv_dtype == kv_dtype

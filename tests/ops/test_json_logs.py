@@ -24,12 +24,17 @@ def json_log(tmp_path_factory) -> tuple[list[dict], dict]:
     env = {"H2O_MODEL": model, "H2O_DEVICE": "cpu", "H2O_LOG_FORMAT": "json", "H2O_REPLICA_NAME": "json-test"}
     seen = {}
     with serve(log_path, env) as url, httpx.Client(base_url=url, timeout=60) as client:
-        with client.stream("POST", "/sessions/json-session/generate", headers={"X-Request-Id": "json-stream-1"},
-                           json={"message": "hello", "max_new_tokens": 5}) as response:
+        with client.stream(
+            "POST",
+            "/sessions/json-session/generate",
+            headers={"X-Request-Id": "json-stream-1"},
+            json={"message": "hello", "max_new_tokens": 5},
+        ) as response:
             seen["stream_id"] = response.headers["x-request-id"]
             seen["done"] = [data for event, data in sse_events(response) if event == "done"][0]
-        plain = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                          "max_tokens": 3})
+        plain = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        )
         seen["plain_id"], seen["plain"] = plain.headers["x-request-id"], plain.json()
     lines = log_path.read_text().split("\n")
     assert lines.pop() == "" and lines, "the server wrote no log, or not whole lines"

@@ -16,9 +16,12 @@ from loadtest.stack import prometheus_binary, save_tiny_llama
 USERS = 3
 RUN_TIME_S = 20
 
-pytestmark = [pytest.mark.process,
-              pytest.mark.skipif(prometheus_binary() is None,
-                                 reason="prometheus not installed (Debian package; scripts/system-deps.sh)")]
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.skipif(
+        prometheus_binary() is None, reason="prometheus not installed (Debian package; scripts/system-deps.sh)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,16 @@ def summary(tiny_model, tmp_path_factory) -> dict:
         "H2O_POLICY_SLACK": "8",
         "H2O_SNAPSHOT_DIR": str(tmp_path_factory.mktemp("snapshots")),
     }
-    return load_run(tmp_path_factory.mktemp("load"), serve_env=env, prometheus=True, users=USERS,
-                    run_time_s=RUN_TIME_S, max_new_tokens=16, turns=4, rate_interval="15s")
+    return load_run(
+        tmp_path_factory.mktemp("load"),
+        serve_env=env,
+        prometheus=True,
+        users=USERS,
+        run_time_s=RUN_TIME_S,
+        max_new_tokens=16,
+        turns=4,
+        rate_interval="15s",
+    )
 
 
 def test_load_has_no_failures_and_reports_ttft_and_tpot(summary):

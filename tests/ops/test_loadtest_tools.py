@@ -84,18 +84,27 @@ def test_percentile_matches_the_sorted_samples():
 
 def test_summarize_reads_locust_final_stats(tmp_path):
     def entry(method, name, times, failures=0):
-        return {"method": method, "name": name, "num_requests": sum(times.values()), "num_failures": failures,
-                "response_times": {str(t): n for t, n in times.items()}}
+        return {
+            "method": method,
+            "name": name,
+            "num_requests": sum(times.values()),
+            "num_failures": failures,
+            "response_times": {str(t): n for t, n in times.items()},
+        }
 
     final = tmp_path / "locust_final.json"
-    final.write_text(json.dumps([
-        entry("POST", "/sessions/[id]/generate", {900: 8, 2000: 2}, failures=1),
-        entry("TTFT", "/sessions/[id]/generate", {100: 5, 300: 4}),
-        entry("TPOT", "/sessions/[id]/generate", {40: 9}),
-        entry("POST", "/v1/chat/completions", {800: 4}),
-        entry("TTFT", "/v1/chat/completions", {200: 4}),
-        entry("DELETE", "/sessions/[id]", {5: 3}),
-    ]))
+    final.write_text(
+        json.dumps(
+            [
+                entry("POST", "/sessions/[id]/generate", {900: 8, 2000: 2}, failures=1),
+                entry("TTFT", "/sessions/[id]/generate", {100: 5, 300: 4}),
+                entry("TPOT", "/sessions/[id]/generate", {40: 9}),
+                entry("POST", "/v1/chat/completions", {800: 4}),
+                entry("TTFT", "/v1/chat/completions", {200: 4}),
+                entry("DELETE", "/sessions/[id]", {5: 3}),
+            ]
+        )
+    )
     summary = summarize(final)
     assert (summary["requests"], summary["replies"], summary["failures"]) == (17, 14, 1)
     native = summary["endpoints"]["/sessions/[id]/generate"]

@@ -23,7 +23,7 @@ START_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:  # noqa: F811 (the fixture imported above)
     """The tests/app tiny model and SmolLM2 tokenizer, saved so a server process can load it as H2O_MODEL."""
     model, tok = tiny_model
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -42,8 +42,13 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env={**env, "H2O_PORT": str(self.port)})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**env, "H2O_PORT": str(self.port)},
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -96,10 +101,18 @@ class Launcher:
 
     def __call__(self, snapshot_dir: Path, **env) -> ServerProcess:
         full_env = {
-            **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "H2O_MODEL": str(self._model_dir),
-            "H2O_DEVICE": "cpu", "H2O_POLICY": SMALL_POLICY, "H2O_POLICY_SLACK": str(SMALL_SLACK),
-            "H2O_SNAPSHOT_DIR": str(snapshot_dir), "H2O_API_KEYS": f"{KEY_A},{KEY_B}", "H2O_LOG_LEVEL": "warning",
-            "H2O_REPLICA_NAME": "reliability", **{f"H2O_{k.upper()}": str(v) for k, v in env.items()},
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "H2O_MODEL": str(self._model_dir),
+            "H2O_DEVICE": "cpu",
+            "H2O_POLICY": SMALL_POLICY,
+            "H2O_POLICY_SLACK": str(SMALL_SLACK),
+            "H2O_SNAPSHOT_DIR": str(snapshot_dir),
+            "H2O_API_KEYS": f"{KEY_A},{KEY_B}",
+            "H2O_LOG_LEVEL": "warning",
+            "H2O_REPLICA_NAME": "reliability",
+            **{f"H2O_{k.upper()}": str(v) for k, v in env.items()},
         }
         server = ServerProcess(full_env, self._log_dir / f"server-{len(self.started)}.log")
         self.started.append(server)

@@ -84,11 +84,18 @@ def test_another_key_can_never_see_delete_or_claim_a_damaged_session(launch, tmp
         with server.client() as owner, server.client(KEY_B) as other:
             for session_id in ("mine", "cut"):
                 assert other.get(f"/sessions/{session_id}").status_code == 404
-                assert other.post(f"/sessions/{session_id}/generate",
-                                  json={"message": "mine now", **GREEDY}).status_code == 404
-                assert other.post("/v1/chat/completions", headers={"X-Session-Id": session_id},
-                                  json={"messages": [{"role": "user", "content": "mine now"}],
-                                        "max_tokens": 1}).status_code == 404
+                assert (
+                    other.post(f"/sessions/{session_id}/generate", json={"message": "mine now", **GREEDY}).status_code
+                    == 404
+                )
+                assert (
+                    other.post(
+                        "/v1/chat/completions",
+                        headers={"X-Session-Id": session_id},
+                        json={"messages": [{"role": "user", "content": "mine now"}], "max_tokens": 1},
+                    ).status_code
+                    == 404
+                )
                 assert other.delete(f"/sessions/{session_id}").status_code == 404
                 assert owner.get(f"/sessions/{session_id}").json()["error"]["type"] == "snapshot_corrupt"
             assert other.get("/sessions").json()["sessions"] == []

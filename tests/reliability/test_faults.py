@@ -84,6 +84,7 @@ def check(client: httpx.Client, ledger: Ledger) -> tuple[int, int]:
 
 def load(server, ledger: Ledger, turns: int) -> int:
     """`turns` turns on each of CLIENTS sessions at once; how many were acknowledged."""
+
     def run(i: int) -> int:
         with server.client() as client:
             return sum(ledger.turn(client, f"load-{i}") for _ in range(turns))
@@ -201,9 +202,11 @@ def test_no_acknowledged_turn_is_lost_to_any_fault(launch, storage, capsys):
 
     with server.client() as client:  # clients that vanish mid-stream
         for i in range(CLIENTS):
-            with client.stream("POST", f"/sessions/load-{i}/generate",
-                               json={"message": "vanishing", **TURN, "stream": True, "max_new_tokens": 200,
-                                     "min_new_tokens": 200}) as response:
+            with client.stream(
+                "POST",
+                f"/sessions/load-{i}/generate",
+                json={"message": "vanishing", **TURN, "stream": True, "max_new_tokens": 200, "min_new_tokens": 200},
+            ) as response:
                 next(e for e, _ in sse_events(response) if e == "token")
     restart()
     record("client disconnects mid-stream", "closed connections", before, 0)
@@ -213,7 +216,7 @@ def test_no_acknowledged_turn_is_lost_to_any_fault(launch, storage, capsys):
         stop = threading.Event()
         threading.Timer(1.5, stop.set).start()
 
-        def busy(i: int) -> None:
+        def busy(i: int, stop: threading.Event = stop) -> None:
             with server.client() as client:
                 while not stop.is_set():
                     ledger.turn(client, f"load-{i}")
@@ -242,12 +245,13 @@ def test_no_acknowledged_turn_is_lost_to_any_fault(launch, storage, capsys):
     with server.client() as client:
         assert client.get("/sessions/victim").json()["error"]["type"] == "snapshot_corrupt"
     assert list((storage.dir / QUARANTINE).glob(f"{file_stem('victim')}.*/*.json"))
-    record("snapshot damaged behind a valid checksum", "schema; that session quarantined, its owner told",
-           before, 0)
+    record("snapshot damaged behind a valid checksum", "schema; that session quarantined, its owner told", before, 0)
 
     with capsys.disabled():
-        print("\n| Fault | How | Sessions | Acknowledged before | Refused while failing | Acknowledged by the end | "
-              "Found after restart | Lost |\n|---|---|---|---|---|---|---|---|")
+        print(
+            "\n| Fault | How | Sessions | Acknowledged before | Refused while failing | Acknowledged by the end | "
+            "Found after restart | Lost |\n|---|---|---|---|---|---|---|---|"
+        )
         for row in rows:
             print("| " + " | ".join(str(c) for c in row) + " |")
     assert [row[-1] for row in rows] == [0] * 6

@@ -15,12 +15,28 @@ FUZZ_TIMEOUT_S = 150
 def test_schemathesis_finds_no_server_error_and_no_hang(launch, tmp_path):
     server = launch(tmp_path / "snapshots", max_new_tokens=16, default_max_new_tokens=8, max_body_bytes=65536)
     command = [
-        str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
-        "--checks", "not_a_server_error", "--max-examples", "20", "--seed", "7", "--no-shrink",
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "20",
+        "--seed",
+        "7",
+        "--no-shrink",
         # One worker: with two, hypothesis builds filters in two threads at once and CPython 3.11.7's AST
         # constructor trips over itself ("AST constructor recursion depth mismatch", a tool crash, not a 5xx).
-        "--request-timeout", "20", "--max-time", "60", "--workers", "1",
-        "--header", f"Authorization: Bearer {KEY_A}", "--phases", "examples,coverage,fuzzing",
+        "--request-timeout",
+        "20",
+        "--max-time",
+        "60",
+        "--workers",
+        "1",
+        "--header",
+        f"Authorization: Bearer {KEY_A}",
+        "--phases",
+        "examples,coverage,fuzzing",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=FUZZ_TIMEOUT_S)
     print(result.stdout[-3000:])

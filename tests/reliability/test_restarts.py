@@ -130,8 +130,10 @@ def test_sigkill_mid_stream_keeps_the_last_complete_turn_and_damage_stays_local(
         again, _ = generate(client, "killed", MESSAGES[1], **GREEDY)
         assert token_ids(again) == token_ids(reference[1])
         for damaged in ("tensors-cut", "json-cut"):
-            for response in (client.get(f"/sessions/{damaged}"),
-                             client.post(f"/sessions/{damaged}/generate", json={"message": "hi", "stream": False})):
+            for response in (
+                client.get(f"/sessions/{damaged}"),
+                client.post(f"/sessions/{damaged}/generate", json={"message": "hi", "stream": False}),
+            ):
                 assert response.status_code == 500, response.text
                 error = response.json()["error"]
                 assert error["type"] == "snapshot_corrupt" and damaged in error["message"]
@@ -173,8 +175,7 @@ if _arm:
 """
 
 
-def test_sigkill_during_a_snapshot_write_leaves_leftovers_that_startup_cleans_once_old(launch, tmp_path,
-                                                                                        monkeypatch):
+def test_sigkill_during_a_snapshot_write_leaves_leftovers_that_startup_cleans_once_old(launch, tmp_path, monkeypatch):
     snapshots, hook = tmp_path / "snapshots", tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(STALL_HOOK)

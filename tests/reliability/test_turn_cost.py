@@ -21,10 +21,19 @@ def grow_history(snapshots, session_id: str, turns: int) -> None:
     tensors = next(snapshots.glob(f"{file_stem(session_id)}.*.safetensors")).read_bytes()
     extra = [{"role": role, "content": f"{role} {i} {FILLER}"} for i in range(turns) for role in ("user", "assistant")]
     lines = encode_transcript(extra)
-    store.save(record.model_copy(update={
-        "message_count": record.message_count + len(extra), "turns": record.turns + turns,
-        "transcript": TranscriptRef(messages=record.transcript.messages + len(extra),
-                                    bytes=record.transcript.bytes + len(lines))}), tensors, lines)
+    store.save(
+        record.model_copy(
+            update={
+                "message_count": record.message_count + len(extra),
+                "turns": record.turns + turns,
+                "transcript": TranscriptRef(
+                    messages=record.transcript.messages + len(extra), bytes=record.transcript.bytes + len(lines)
+                ),
+            }
+        ),
+        tensors,
+        lines,
+    )
 
 
 def test_a_turn_renders_and_writes_the_same_at_ten_and_at_ten_thousand_turns(launch, tmp_path):
@@ -39,8 +48,10 @@ def test_a_turn_renders_and_writes_the_same_at_ten_and_at_ten_thousand_turns(lau
     grow_history(snapshots, "long", LONG_HISTORY_TURNS - 10)
 
     server = launch(snapshots)
-    files = {s: (snapshots / f"{file_stem(s)}.json", snapshots / f"{file_stem(s)}.transcript.jsonl")
-             for s in ("short", "long")}
+    files = {
+        s: (snapshots / f"{file_stem(s)}.json", snapshots / f"{file_stem(s)}.transcript.jsonl")
+        for s in ("short", "long")
+    }
     seconds: dict[str, list[float]] = {"short": [], "long": []}
     written: dict[str, list[tuple[int, int]]] = {"short": [], "long": []}
     with server.client() as client:
@@ -54,8 +65,10 @@ def test_a_turn_renders_and_writes_the_same_at_ten_and_at_ten_thousand_turns(lau
                 written[session_id].append((json_file.stat().st_size, transcript.stat().st_size - before))
         messages = client.get("/sessions/long").json()["messages"]
     assert len(messages) == 2 * (LONG_HISTORY_TURNS + 4) and messages[-2]["content"] == f"next 3: {FILLER}"
-    print(f"turn wall time (median of 4), 10 turns: {sorted(seconds['short'])[2] * 1e3:.0f} ms, "
-          f"{LONG_HISTORY_TURNS} turns: {sorted(seconds['long'])[2] * 1e3:.0f} ms")
+    print(
+        f"turn wall time (median of 4), 10 turns: {sorted(seconds['short'])[2] * 1e3:.0f} ms, "
+        f"{LONG_HISTORY_TURNS} turns: {sorted(seconds['long'])[2] * 1e3:.0f} ms"
+    )
     assert files["long"][1].stat().st_size > 20e6
     for (short_json, short_appended), (long_json, long_appended) in zip(written["short"], written["long"]):
         assert abs(long_json - short_json) < 512, "the snapshot JSON must not grow with the history"

@@ -53,19 +53,25 @@ class Router:
         for temp in TEMP_DIRS:
             (root / temp).mkdir(parents=True, exist_ok=True)
         self.set_upstreams(upstreams)
-        (root / "h2o-router.conf").write_text(render(TEMPLATE.read_text(), {
-            "H2O_ROUTER_LISTEN": f"127.0.0.1:{self.port}", "H2O_UPSTREAMS": str(root / "upstreams.conf")}))
+        (root / "h2o-router.conf").write_text(
+            render(
+                TEMPLATE.read_text(),
+                {"H2O_ROUTER_LISTEN": f"127.0.0.1:{self.port}", "H2O_UPSTREAMS": str(root / "upstreams.conf")},
+            )
+        )
         user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the tmp dirs
         temps = "\n".join(f"    {t}_temp_path {root / t};" for t in TEMP_DIRS)
         (root / "nginx.conf").write_text(
             f"{user}worker_processes 1;\npid {root / 'nginx.pid'};\nerror_log {root / 'error.log'} notice;\n"
             f"events {{ worker_connections 512; }}\n"
-            f"http {{\n    access_log {root / 'access.log'};\n{temps}\n    include {root / 'h2o-router.conf'};\n}}\n")
+            f"http {{\n    access_log {root / 'access.log'};\n{temps}\n    include {root / 'h2o-router.conf'};\n}}\n"
+        )
         command = [NGINX, "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "error.log")]
         check = subprocess.run([*command, "-t"], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-        self.proc = subprocess.Popen([*command, "-g", "daemon off;"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*command, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 10
         while True:
             assert self.proc.poll() is None, self.log()

@@ -46,6 +46,7 @@ def normalized(text: str) -> list[str]:
 
 # --- compose and nginx ---
 
+
 def test_template_placeholders_are_the_ones_compose_sets():
     placeholders = set(re.findall(r"\$\{(\w+)\}", TEMPLATE_TEXT))
     router = SERVICES["router"]
@@ -82,8 +83,9 @@ def test_prometheus_sees_every_replica():
     """The default Prometheus scrapes `server`; the profile's agent scrapes the others and remote-writes to it."""
     default = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
     agent_service = SERVICES["prometheus-replicas"]
-    agent_config_path = next(p for p, t in bind_mounts("prometheus-replicas").items()
-                             if t in " ".join(agent_service["command"]))
+    agent_config_path = next(
+        p for p, t in bind_mounts("prometheus-replicas").items() if t in " ".join(agent_service["command"])
+    )
     agent = yaml.safe_load((REPO / agent_config_path).read_text())
     assert "--enable-feature=agent" in agent_service["command"]
     default_targets = {t for job in default["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
@@ -95,8 +97,9 @@ def test_prometheus_sees_every_replica():
     assert re.fullmatch(r"http://prometheus:9090/api/v1/write", remote["url"])
     assert "--web.enable-remote-write-receiver" in SERVICES["prometheus"]["command"]
     if shutil.which("promtool"):
-        result = subprocess.run(["promtool", "check", "config", "--agent", str(REPO / agent_config_path)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["promtool", "check", "config", "--agent", str(REPO / agent_config_path)], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -107,16 +110,25 @@ def test_nginx_accepts_the_compose_rendering(tmp_path):
     for host, _ in upstream_servers(REPO / "deploy/nginx/upstreams.compose.conf"):
         upstreams = re.sub(rf"^server {re.escape(host)}:\d+", f"server 127.0.0.1:{free_port()}", upstreams, flags=re.M)
     (tmp_path / "upstreams.conf").write_text(upstreams)
-    (tmp_path / "router.conf").write_text(render(TEMPLATE_TEXT, {
-        "H2O_ROUTER_LISTEN": f"127.0.0.1:{free_port()}", "H2O_UPSTREAMS": str(tmp_path / "upstreams.conf")}))
+    (tmp_path / "router.conf").write_text(
+        render(
+            TEMPLATE_TEXT,
+            {"H2O_ROUTER_LISTEN": f"127.0.0.1:{free_port()}", "H2O_UPSTREAMS": str(tmp_path / "upstreams.conf")},
+        )
+    )
     (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path / 'nginx.pid'};\nevents {{}}\nhttp {{ include {tmp_path / 'router.conf'}; }}\n")
-    result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                             "-e", str(tmp_path / "error.log")], capture_output=True, text=True)
+        f"pid {tmp_path / 'nginx.pid'};\nevents {{}}\nhttp {{ include {tmp_path / 'router.conf'}; }}\n"
+    )
+    result = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
 
 
 # --- Kubernetes ---
+
 
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
@@ -135,8 +147,12 @@ def merge(base: dict, patch: dict) -> dict:
     for key, value in patch.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
-        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value) \
-                and isinstance(out.get(key), list):
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, dict) and "name" in v for v in value)
+            and isinstance(out.get(key), list)
+        ):
             by_name = {item["name"]: item for item in out[key]}
             for item in value:
                 by_name[item["name"]] = merge(by_name.get(item["name"], {}), item)
@@ -170,8 +186,11 @@ def overlays() -> dict[str, dict[tuple[str, str], dict]]:
 def test_kubernetes_manifests_validate_against_the_api_schemas():
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     version = kubernetes_validate.latest_version()
-    documents = [*base_resources().values(), *[r for o in overlays().values() for r in o.values()],
-                 load(K8S / "ingress-nginx/controller-configmap.yaml")]
+    documents = [
+        *base_resources().values(),
+        *[r for o in overlays().values() for r in o.values()],
+        load(K8S / "ingress-nginx/controller-configmap.yaml"),
+    ]
     for document in documents:
         kubernetes_validate.validate(document, version, strict=True)
 
@@ -189,8 +208,10 @@ def test_kubernetes_resources_reference_each_other(overlay):
     assert ports["http"] == int(env["H2O_PORT"]) and env["H2O_HOST"] == "0.0.0.0"
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert any(e["name"] == "H2O_REPLICA_NAME" and e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-               for e in container["env"])
+    assert any(
+        e["name"] == "H2O_REPLICA_NAME" and e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        for e in container["env"]
+    )
     # Snapshots: the RWX claim, mounted where H2O_SNAPSHOT_DIR points.
     (mount,) = container["volumeMounts"]
     assert mount["mountPath"] == env["H2O_SNAPSHOT_DIR"]
@@ -232,8 +253,7 @@ def quantity(text: str) -> int:
     return int(number) * 1024 ** (1 + ("Ki", "Mi", "Gi", "Ti").index(unit) if unit else 0)
 
 
-SMOLLM2 = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
-                      head_dim=64)
+SMOLLM2 = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, head_dim=64)
 """SmolLM2-135M's cache shape (what the capacity formula needs of a model)."""
 
 
@@ -249,7 +269,11 @@ def test_the_capacity_table_is_the_formula_in_code():
     assert {"auto", "fp16", "int8", "k8v4", "int4"} <= {kv_dtype for kv_dtype, _, _ in table}
     policy = CachePolicy.parse(Settings().policy, slack=Settings().policy_slack)
     for kv_dtype, model_dtype, per_head in table:
-        for dtype in [torch.float32, torch.float16] if model_dtype == "any" else [{"fp32": torch.float32, "fp16": torch.float16}[model_dtype]]:
+        for dtype in (
+            [torch.float32, torch.float16]
+            if model_dtype == "any"
+            else [{"fp32": torch.float32, "fp16": torch.float16}[model_dtype]]
+        ):
             assert slot_nbytes(SMOLLM2, policy.replace(kv_dtype=kv_dtype), dtype) == 30 * 3 * per_head, kv_dtype
 
 
@@ -258,8 +282,15 @@ def test_capacity_formula_matches_a_real_cache():
 
     from h2o_cache import make_cache
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     model = LlamaForCausalLM(config).eval()
     for kv_dtype in ("auto", "k8v4"):
         cache = make_cache(model, f"h2o_2_8_24_{kv_dtype}", slack=8)
@@ -284,7 +315,9 @@ def test_kubernetes_sizes_hold_what_the_settings_allow(overlay):
     per_session = session_nbytes(SMOLLM2, policy, dtype)
     resident = int(env["H2O_MAX_RESIDENT_SESSIONS"]) * per_session
     row_slots = policy.capacity + 2 * policy.slack
-    row = row_slots * (slot_nbytes(SMOLLM2, policy, dtype) + slot_nbytes(SMOLLM2, policy.replace(kv_dtype="auto"), dtype))
+    row = row_slots * (
+        slot_nbytes(SMOLLM2, policy, dtype) + slot_nbytes(SMOLLM2, policy.replace(kv_dtype="auto"), dtype)
+    )
     pool = settings.max_batch * row
     weights = 135_000_000 * dtype.itemsize
     if overlay == "gpu":

@@ -33,9 +33,18 @@ class Turn:
 def turn(client: httpx.Client, session_id: str, message: str, openai: bool = False) -> Turn:
     """One streamed turn through the router; returns which replica answered and when the first token arrived."""
     if openai:
-        request = client.stream("POST", "/v1/chat/completions", headers={"X-Session-Id": session_id},
-                                json={"model": "tiny", "stream": True, "max_tokens": TURN["max_new_tokens"],
-                                      "temperature": 0, "messages": [{"role": "user", "content": message}]})
+        request = client.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers={"X-Session-Id": session_id},
+            json={
+                "model": "tiny",
+                "stream": True,
+                "max_tokens": TURN["max_new_tokens"],
+                "temperature": 0,
+                "messages": [{"role": "user", "content": message}],
+            },
+        )
     else:
         request = client.stream("POST", f"/sessions/{session_id}/generate", json={"message": message, **TURN})
     first_token_at, finish = None, None
@@ -43,8 +52,9 @@ def turn(client: httpx.Client, session_id: str, message: str, openai: bool = Fal
         assert response.status_code == 200, response.read()
         for event, data in sse_events(response):
             assert event != "error", data
-            if first_token_at is None and (event == "token" or (openai and data != "[DONE]"
-                                                                 and data["choices"][0]["delta"].get("content"))):
+            if first_token_at is None and (
+                event == "token" or (openai and data != "[DONE]" and data["choices"][0]["delta"].get("content"))
+            ):
                 first_token_at = time.monotonic()
             if event == "done":
                 finish = data["finish_reason"]
@@ -69,8 +79,10 @@ def histories(client: httpx.Client) -> dict[str, dict]:
 def test_sessions_stick_to_a_replica_and_move_when_it_dies(launch, start_router, tmp_path, capsys):
     snapshots = tmp_path / "snapshots"
     # 20 concurrent turns on one replica: above the default per-key limit (16).
-    replicas = {name: launch(snapshots, replica_name=name, max_requests_per_key=N_SESSIONS)
-                for name in ("replica-a", "replica-b")}
+    replicas = {
+        name: launch(snapshots, replica_name=name, max_requests_per_key=N_SESSIONS)
+        for name in ("replica-a", "replica-b")
+    }
     router = start_router([f"127.0.0.1:{r.port}" for r in replicas.values()])
 
     # Two turns per session: the second through the OpenAI route (X-Session-Id) for half of them.
@@ -124,10 +136,12 @@ def test_sessions_stick_to_a_replica_and_move_when_it_dies(launch, start_router,
         assert final[s]["messages"][6] == {"role": "user", "content": f"Back again ({s})"}
 
     with capsys.disabled():
-        print(f"\nspread before the kill: {dict(spread)}; {victim} killed, {len(moved)} sessions moved to {survivor}; "
-              f"hand-off (SIGKILL -> first token on the survivor, 20 concurrent turns) min / median / max "
-              f"{handoff_s[0]:.2f} / {statistics.median(handoff_s):.2f} / {handoff_s[-1]:.2f} s; "
-              f"{len(returned)} sessions went to the returning replica and came back with their turn 4")
+        print(
+            f"\nspread before the kill: {dict(spread)}; {victim} killed, {len(moved)} sessions moved to {survivor}; "
+            f"hand-off (SIGKILL -> first token on the survivor, 20 concurrent turns) min / median / max "
+            f"{handoff_s[0]:.2f} / {statistics.median(handoff_s):.2f} / {handoff_s[-1]:.2f} s; "
+            f"{len(returned)} sessions went to the returning replica and came back with their turn 4"
+        )
 
 
 def back_name(victim: str) -> str:

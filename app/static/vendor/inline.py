@@ -33,8 +33,10 @@ def build(html: str) -> str:
         return match.group(1) + code + match.group(4)
 
     html = SCRIPT.sub(vendored, html)
-    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.group(3).encode()).digest()).decode()}'"
-                      for m in SCRIPT.finditer(html))
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(m.group(3).encode()).digest()).decode()}'"
+        for m in SCRIPT.finditer(html)
+    )
     html, count = SCRIPT_SRC.subn(f"script-src {hashes}", html, count=1)
     if not count:
         raise SystemExit("index.html has no Content-Security-Policy script-src to fill in")
