@@ -77,7 +77,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings) -> None:
     """Every logger (uvicorn's too) through one stderr handler: readable lines, or JSON objects with
-    H2O_LOG_FORMAT=json. uvicorn's access log is off: app.requests writes one line per request (app.main.RequestLog)."""
+    H2O_LOG_FORMAT=json. uvicorn's access log is off: app.requests writes one line per request
+    (app.request_log.RequestLog)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
@@ -104,8 +105,9 @@ def main() -> None:
     except ValidationError as exc:
         sys.exit(f"invalid settings, refusing to start:\n{exc}")
     configure_logging(settings)
-    from app.main import DRAIN_MARGIN_S, app, drain  # after logging is set up; builds the app from the same environment
+    from app.main import DRAIN_MARGIN_S, create_app, drain  # after logging is set up
 
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -293,7 +293,7 @@ async def generate(
         body,
         body.stop,
     )
-    request.state.generation = generation  # the request log (app.main.RequestLog) reads the turn's outcome
+    request.state.generation = generation  # the request log (app.request_log.RequestLog) reads the turn's outcome
     if not body.stream:
         result = await _collect(generation, request)
         body = result.model_dump(mode="json", exclude={"logprobs"})

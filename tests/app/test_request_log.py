@@ -1,4 +1,4 @@
-"""The request log (app.main.RequestLog): one line per request on `app.requests`, captured with caplog from real
+"""The request log (app.request_log.RequestLog): one line per request on `app.requests`, captured with caplog from real
 uvicorn servers over HTTP; X-Request-Id; JSON lines (app.__main__.JsonFormatter); a stream that ends in an error
 event at ERROR with its cause. The JSON lines of a real `python -m app` process: tests/ops/test_json_logs.py."""
 
