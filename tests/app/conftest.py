@@ -51,6 +51,49 @@ def tiny_model(tokenizer):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+class Gate:
+    """Holds the model's forwards while closed, so a test decides when the engine may take its next step instead of
+    guessing how fast the machine is; records each forward as (rows fed a token, tokens per row)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.forwards: list[tuple[int, int]] = []
+        self._open = threading.Event()
+        self._open.set()
+        self._handle = model.register_forward_pre_hook(self._hold, with_kwargs=True)
+
+    def _hold(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        rows, tokens = kwargs["input_ids"].shape
+        mask = kwargs.get("attention_mask")  # the batching pool's idle rows are masked out
+        self.forwards.append((int(mask[:, -1].sum()) if mask is not None else rows, tokens))
+        assert self._open.wait(60), "a test left the gate closed"
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def remove(self) -> None:
+        self._open.set()
+        self._handle.remove()
+
+
+@pytest.fixture
+def gate(tiny_model) -> Iterator[Gate]:
+    """A Gate on the tiny model every test server here runs."""
+    held = Gate(tiny_model[0])
+    yield held
+    held.remove()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Poll `condition` until it holds (a gate for state the test cannot be told about directly)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
 @dataclass
 class Server:
     url: str
@@ -156,7 +199,4 @@ def scrape(client: httpx.Client) -> dict[str, float]:
 
 
 def wait_for_metric(client: httpx.Client, name: str, value: float, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while scrape(client).get(name) != value:
-        assert time.monotonic() < deadline, f"{name} never reached {value}"
-        time.sleep(0.02)
+    wait_until(lambda: scrape(client).get(name) == value, timeout_s)

@@ -24,7 +24,7 @@ from app.protocol import (
 )
 from app.settings import DEFAULT_KV_DTYPE, Settings
 from h2o_cache import CachePolicy
-from tests.app.conftest import SMALL_SLACK, generate, run_server, scrape, sse_events, wait_for_metric
+from tests.app.conftest import SMALL_SLACK, generate, run_server, scrape, sse_events, wait_for_metric, wait_until
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6}
 
@@ -67,25 +67,32 @@ def test_sse_tokens_match_the_non_streaming_reply(server, tokenizer):
     assert done["ttft_s"] > 0 and done["tpot_s"] > 0
 
 
-def test_sse_sends_keep_alive_pings(serve):
+def test_sse_sends_keep_alive_pings(serve, gate):
+    """A stream that stalls (the gate holds the model after the first token) carries comment pings meanwhile."""
     server = serve(sse_ping_s=0.05)
+    lines = []
     with (
         server.client() as client,
         client.stream("POST", "/sessions/ping/generate", json={"message": "hi", "max_new_tokens": 12}) as response,
     ):
-        lines = list(response.iter_lines())
+        for line in response.iter_lines():
+            lines.append(line)
+            if line == "event: token":
+                gate.close()
+            elif line.startswith(":"):
+                gate.open()
     assert any(line.startswith(":") for line in lines)
     assert "event: done" in lines
 
 
-def test_a_second_generate_on_a_busy_session_gets_409_and_the_first_completes(server):
+def test_a_second_generate_on_a_busy_session_gets_409_and_the_first_completes(server, gate):
     with server.client() as first, server.client() as second:
         with first.stream("POST", "/sessions/busy/generate", json={"message": "long", "max_new_tokens": 30}) as r:
             events = sse_events(r)
             assert next(events)[0] == "token"
-            started = time.monotonic()
+            gate.close()  # the first turn cannot end meanwhile: the 409 does not wait for it
             conflict = second.post("/sessions/busy/generate", json={"message": "again"})
-            assert time.monotonic() - started < 2
+            gate.open()
             rest = list(events)
         session = second.get("/sessions/busy").json()
     assert conflict.status_code == 409
@@ -119,17 +126,21 @@ def test_disconnect_mid_stream_keeps_the_partial_reply_and_the_next_turn_works(s
 
 
 @pytest.mark.parametrize("path", ["/sessions/quiet/generate", "/v1/chat/completions"])
-def test_a_non_streaming_client_that_disconnects_cancels_its_generation(server, path):
+def test_a_non_streaming_client_that_disconnects_cancels_its_generation(server, gate, path):
     def body(n: int) -> dict:
         if path.startswith("/sessions"):
             return {"message": "hello", "max_new_tokens": n, "min_new_tokens": n, "stream": False}
         return {"messages": [{"role": "user", "content": "hello"}], "max_tokens": n, "min_new_tokens": n}
 
     headers = {"X-Session-Id": "quiet"}
+    engine = server.app.state.server.engine
     with server.client() as client:
         cancelled = scrape(client).get('h2o_requests_total{outcome="cancelled"}', 0)
+        gate.close()  # the turn cannot get anywhere before the client leaves, however fast the machine
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             client.post(path, json=body(2000), headers=headers, timeout=0.5)
+        wait_until(lambda: all(g.cancelled for g in engine.in_flight()))
+        gate.open()
         wait_for_metric(client, 'h2o_requests_total{outcome="cancelled"}', cancelled + 1, timeout_s=5)
         session = client.get("/sessions/quiet").json()
         assert not session["busy"] and session["cache_tokens_seen"] < 1500  # stopped long before 2000 tokens

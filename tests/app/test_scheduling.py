@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import app.engine
-from tests.app.conftest import generate, sse_events
+from tests.app.conftest import generate, sse_events, wait_until
 
 
 def timed_tokens(server, session_id: str, max_new_tokens: int, started: threading.Event | None = None) -> list[float]:
@@ -28,19 +28,23 @@ def timed_tokens(server, session_id: str, max_new_tokens: int, started: threadin
     return times
 
 
-def test_concurrent_sessions_interleave_token_by_token(server):
-    # a is long and b short; b is sent once a has streamed its first token, so no timing guess is involved.
+def test_concurrent_sessions_interleave_token_by_token(server, gate):
+    # a is long and b short; a is held at its next step until b is queued, so no timing guess is involved.
+    engine = server.app.state.server.engine
     a_started = threading.Event()
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(timed_tokens, server, "fair-a", 400, a_started)
         assert a_started.wait(60)
+        gate.close()
         second = pool.submit(timed_tokens, server, "fair-b", 30)
+        wait_until(lambda: len(engine.in_flight()) == 2)
+        gate.open()
         a, b = first.result(), second.result()
     assert len(a) == 400 and len(b) == 30
-    # Round-robin: b is not queued behind a's 400 tokens, it streams all of its tokens while a is still running,
-    # and a keeps advancing meanwhile (one token each per round).
+    # Round-robin: b is not queued behind a's 400 tokens; after its prefill every one of its tokens is decoded in
+    # the same forward as one of a's (one token each per step), and it ends while a still runs.
+    assert sum(rows == 2 and tokens == 1 for rows, tokens in gate.forwards) == 29
     assert a[0] < b[0] and b[-1] < a[-1]
-    assert sum(b[0] < t < b[-1] for t in a) >= 20
 
 
 def test_stop_string_ends_the_reply_without_emitting_it(server):

@@ -92,10 +92,11 @@ class Router:
         started = self.log().count("start worker process")
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while self.log().count("start worker process") == started:
+        master = psutil.Process(self.proc.pid)
+        # The new worker has started and the old one has closed its idle connections and left (worker_processes 1).
+        while self.log().count("start worker process") == started or len(master.children()) != 1:
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.05)
-        time.sleep(0.3)  # old workers close their idle connections
 
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
