@@ -154,22 +154,10 @@ def load(args, dtype: str | None):
     """(model, tokenizer): the real model, or for --smoke a tiny random Llama with SmolLM2's chat tokenizer."""
     if not args.smoke:
         return load_model(args.model, device=args.device, dtype=dtype)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from h2o_cache.loading import quantize_int8, resolve_dtype, tiny_llama
 
-    from h2o_cache.loading import quantize_int8, resolve_dtype, resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config).to(resolve_dtype(dtype, "cpu")).eval()
+    model, tokenizer = tiny_llama()
+    model = model.to(resolve_dtype(dtype, "cpu"))
     return (quantize_int8(model) if dtype == "int8" else model), tokenizer
 
 

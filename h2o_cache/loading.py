@@ -124,3 +124,26 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer
+
+
+def tiny_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A seeded random-weight two-layer Llama with SmolLM2's tokenizer and chat template: what tests, smoke
+    benchmarks and smoke load tests serve when only the plumbing matters (fast on any CPU; no download, the
+    tokenizer comes from the converted bundled model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer

@@ -76,27 +76,11 @@ def wait_ok(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) 
 
 def save_tiny_llama(path: Path) -> str:
     """A tiny random Llama with SmolLM2's tokenizer saved in `path`, loadable as ``H2O_MODEL``: a real server process
-    whose decoding is fast and whose load has the real model's shape of text."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    whose decoding is fast and whose load has the real model's shape of text (h2o_cache.loading.tiny_llama)."""
+    from h2o_cache.loading import tiny_llama
 
-    from h2o_cache.loading import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model, tokenizer = tiny_llama()
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from app.main import create_app
 from app.settings import Settings
-from h2o_cache.loading import resolve_model_path
+from h2o_cache.loading import resolve_model_path, tiny_llama
+from loadtest.streams import sse_events as parse_sse
 
 # A small policy so a few short turns fill the cache and force evictions.
 SMALL_POLICY = "h2o_4_8_32"
@@ -35,20 +36,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    """h2o_cache.loading.tiny_llama, with the session's tokenizer."""
+    return tiny_llama()[0], tokenizer
 
 
 class Gate:
@@ -148,26 +137,12 @@ def server(tiny_model) -> Iterator[Server]:
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict | str]]:
-    """Parse a text/event-stream into (event, data) pairs, data JSON-decoded when it is JSON; comments skipped."""
-    event, data = "message", []
-    for line in response.iter_lines():
-        if line == "":
-            if data:
-                text = "\n".join(data)
-                try:
-                    yield event, json.loads(text)
-                except json.JSONDecodeError:
-                    yield event, text
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
+    """(event, data) pairs of a text/event-stream (loadtest.streams parses it), data JSON-decoded when it is JSON."""
+    for event, text in parse_sse(response.iter_bytes()):
+        try:
+            yield event, json.loads(text)
+        except json.JSONDecodeError:
+            yield event, text
 
 
 def generate(client: httpx.Client, session_id: str, message: str, **body) -> tuple[list[dict], dict]:
