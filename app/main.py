@@ -14,14 +14,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.api import ApiError, ServerState, protected, public
+from app.api import protected, public
 from app.engine import Engine
+from app.errors import ApiError, error_body
 from app.metrics import Metrics, package_version
 from app.middleware import GENERATION_PATHS, BodyLimit, CountGenerations, GenerationsInFlight, ReplicaHeader
 from app.request_log import RequestLog
 from app.sessions import SessionStore
 from app.settings import Settings
 from app.snapshots import SnapshotStore
+from app.state import ServerState
 from h2o_cache import CachePolicy
 from h2o_cache.budget import session_nbytes
 
@@ -136,7 +138,7 @@ def _device(settings: Settings, engine: Engine) -> str:
 
 
 def _error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status, headers=headers)
+    return JSONResponse(error_body(message, type_, status), status, headers=headers)
 
 
 async def drain(app: FastAPI) -> None:

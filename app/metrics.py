@@ -49,7 +49,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 REJECTION_REASONS = ("queue_full", "too_many_sessions", "too_many_requests", "shutting_down", "not_ready")
 """`h2o_requests_rejected_total` reasons: the `type` of every 429/503 a turn can get with Retry-After
-(app.api._retry_later); each is also counted in h2o_requests_total{outcome="rejected"}."""
+(app.errors.retry_later); each is also counted in h2o_requests_total{outcome="rejected"}."""
 BUILD_INFO_LABELS = ("version", "model", "policy", "kv_dtype", "device")
 
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "conflict", "invalid")

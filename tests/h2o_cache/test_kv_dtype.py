@@ -15,7 +15,7 @@ from h2o_cache.quant import make_codec
 from .models import VOCAB, tiny_model
 
 INTEGER = {"int8": (8, 64, False), "int4": (4, 32, True)}  # bits, group of the 64-channel heads below, Hadamard
-# Documented bound (README, "KV storage precision"): the largest logit error of integer storage against fp32
+# Documented bound (docs/library.md, "KV storage precision"): the largest logit error of integer storage against fp32
 # storage, relative to the logits' standard deviation, with eviction and rolling, on the tiny models.
 LOGIT_BOUND = {"int8": 0.02, "k8v4": 0.1, "int4": 0.2}
 

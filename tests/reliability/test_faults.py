@@ -4,7 +4,7 @@ restarted and every turn a client was told had ended (acknowledged) must be ther
 
 Faults are real where this machine allows it (a size-limited tmpfs for a full disk, `chattr +i` for a read-only
 directory) and a fault hook in the server process otherwise (`os.fsync` raising the same error), so the suite runs
-everywhere; the table it prints says which was used. README "Fault injection" quotes it."""
+everywhere; the table it prints says which was used. docs/reliability.md "Fault injection" quotes it."""
 
 from __future__ import annotations
 
