@@ -18,15 +18,16 @@ cache.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from transformers import PreTrainedModel
 
+from app.generation import Generation, GenerationError
+from app.metrics import Metrics
+from app.settings import Settings
 from app.snapshots import file_stem
 from h2o_cache import H2OCache
-
-if TYPE_CHECKING:
-    from app.engine import Engine, Generation
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +134,27 @@ class SlotPool:
         return out.logits[:, -1]
 
 
-class Batcher:
-    """The batched scheduler round of an `Engine` (which keeps sampling, emitting and finishing)."""
+class TurnSteps(Protocol):
+    """What the batcher needs of the engine (app.engine.Engine): its model, settings and metrics, and the steps it
+    keeps: a generation's own step (a prefill chunk, or decoding alone), sampling from logits, ending a turn."""
 
-    def __init__(self, engine: Engine, max_batch: int) -> None:
+    model: PreTrainedModel
+    settings: Settings
+    metrics: Metrics
+
+    def step(self, g: Generation) -> bool: ...
+
+    def take(self, g: Generation, logits: torch.Tensor) -> str | None: ...
+
+    def finish(self, g: Generation, reason: str) -> None: ...
+
+    def fail(self, g: Generation, error: GenerationError) -> None: ...
+
+
+class Batcher:
+    """The batched scheduler round of an engine (which keeps sampling, emitting and finishing)."""
+
+    def __init__(self, engine: TurnSteps, max_batch: int) -> None:
         self.engine = engine
         self.pool = SlotPool(engine.model, max_batch)
 
@@ -146,33 +164,33 @@ class Batcher:
         engine = self.engine
         running: list[Generation] = []
         pooled: list[Generation] = []
-        budget = engine._settings.prefill_chunk
+        budget = engine.settings.prefill_chunk
         seats = sum(1 for g in active if g in self.pool.rows or g.n_fed)
         for g in active:
             try:
                 if g.cancelled:
                     self.pool.leave(g)
-                    engine._finish(g, "cancelled")
+                    engine.finish(g, "cancelled")
                     continue
                 if g.n_fed < len(g.prompt_ids):
                     if budget <= 0 or (not g.n_fed and seats >= self.pool.max_rows):
                         running.append(g)  # waits for the budget, or before its first token for a row
                         continue
                     seats += not g.n_fed
-                    budget -= min(engine._settings.prefill_chunk, len(g.prompt_ids) - g.n_fed)
-                    if engine._step(g):
+                    budget -= min(engine.settings.prefill_chunk, len(g.prompt_ids) - g.n_fed)
+                    if engine.step(g):
                         continue
                 elif self.pool.join(g) is not None:
                     pooled.append(g)
                     continue
-                elif engine._step(g):  # pool full or another policy: decode alone
+                elif engine.step(g):  # pool full or another policy: decode alone
                     continue
                 running.append(g)
             except Exception as exc:
                 self._fail(g, exc)
         if pooled:
             running += self._decode(pooled)
-        engine._metrics.kv_pool_bytes.set(self.pool.nbytes())
+        engine.metrics.kv_pool_bytes.set(self.pool.nbytes())
         return running
 
     def _decode(self, pooled: list[Generation]) -> list[Generation]:
@@ -191,14 +209,14 @@ class Batcher:
             row, s = self.pool.rows[g], g.session
             evicted = layer.row_evicted[row] - evicted_before[g]
             s.evicted_tokens += evicted
-            engine._metrics.cache_evictions.inc(evicted)
+            engine.metrics.cache_evictions.inc(evicted)
             s.cache_tokens = layer.row_valid[row]
             s.cache_tokens_seen += 1
         row_logits = {g: logits[self.pool.rows[g]] for g in pooled}
         running = []
         for g in pooled:
             try:
-                reason = engine._take(g, row_logits[g])
+                reason = engine.take(g, row_logits[g])
             except Exception as exc:
                 self._fail(g, exc)
                 continue
@@ -206,12 +224,10 @@ class Batcher:
                 running.append(g)
             else:
                 self.pool.leave(g)
-                engine._finish(g, reason)
+                engine.finish(g, reason)
         return running
 
     def _fail(self, g: Generation, exc: Exception) -> None:
-        from app.engine import GenerationError
-
         logger.exception("generation failed in session %s", file_stem(g.session.id)[:16], exc_info=exc)
         self.pool.drop(g)
-        self.engine._fail(g, GenerationError(f"generation failed: {exc}"))
+        self.engine.fail(g, GenerationError(f"generation failed: {exc}"))

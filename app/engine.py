@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from app.batching import Batcher
 from app.chat import Message, context, turn_delta
 from app.conversations import extend_key, root_key
+from app.generation import Generation, GenerationError, TurnNotSavedError
 from app.memory import release_freed_memory
 from app.metrics import Metrics
 from app.protocol import Logprob, TokenEvent, TurnResult, Usage
@@ -42,96 +43,6 @@ class SessionBusyError(Exception):
     """The session is generating already."""
 
 
-class GenerationError(Exception):
-    """A generation failed inside the worker; the session was rolled back to its last turn."""
-
-    type = "generation_error"
-    status = 500
-
-
-class TurnNotSavedError(GenerationError):
-    """The turn was generated but its snapshot could not be written: it is not acknowledged and not kept (the
-    session is what its last saved snapshot holds)."""
-
-    type = "storage_error"
-    status = 503
-
-
-class Generation:
-    """One turn in flight. Created on the event loop by `Engine.submit`; advanced by the worker; its events
-    (TokenEvent..., then TurnResult or GenerationError) arrive on `events`."""
-
-    def __init__(
-        self,
-        session: Session,
-        new_messages: list[Message],
-        prompt_text: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        decoder: TextStream,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.session = session
-        self.cached_tokens = session.cache_tokens_seen
-        """Tokens of the conversation the session's cache had seen before this turn (not fed again)."""
-        self.new_messages = new_messages
-        self.prompt_text = prompt_text
-        self.prompt_ids = prompt_ids
-        """Tokens to feed: the session's pending tokens, then the turn delta."""
-        self.params = params
-        self.decoder = decoder
-        self.events: asyncio.Queue[TokenEvent | TurnResult | GenerationError] = asyncio.Queue()
-        self.finished = asyncio.Event()
-        self.cancelled = False
-        """Set from the event loop; the worker stops at its next step."""
-        self.submitted_at = time.perf_counter()
-        self.generator: torch.Generator | None = None
-        self.n_fed = 0
-        self.output_ids: list[int] = []
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.scheduled_at: float | None = None
-        """When the worker took it from the waiting queue (perf_counter)."""
-        self.outcome: TurnResult | GenerationError | None = None
-        """The last event, once the turn has ended (the request log reads it)."""
-        self._loop = loop
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def emit(self, event: TokenEvent | TurnResult | GenerationError) -> None:
-        """Hand an event to the event loop (called by the worker)."""
-        self._call_on_loop(self.events.put_nowait, event)
-
-    def close(self, last: TurnResult | GenerationError) -> None:
-        """Release the session and hand over the last event in one step on the event loop, so a client that has
-        seen the turn end always finds the session free (called by the worker or the snapshot writer)."""
-        self._call_on_loop(self._close_on_loop, last)
-
-    def _close_on_loop(self, last: TurnResult | GenerationError) -> None:
-        if self.session.active is self:
-            self.session.active = None
-        self.outcome = last
-        self.finished.set()
-        self.events.put_nowait(last)
-
-    def _call_on_loop(self, fn, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: the server is shutting down and nobody listens
-            pass
-
-    async def __aiter__(self):
-        """Token events, then the TurnResult; raises GenerationError if the worker failed."""
-        while True:
-            event = await self.events.get()
-            if isinstance(event, GenerationError):
-                raise event
-            yield event
-            if isinstance(event, TurnResult):
-                return
-
-
 class Engine:
     """Holds the model and the scheduler thread.
 
@@ -149,8 +60,8 @@ class Engine:
         """`persist(session, then)` is called on the worker when a turn has changed a session; it must call
         `then(error)` (from any thread) once the session is saved or could not be (SessionStore.persist), which
         ends the turn: with its result, or with TurnNotSavedError."""
-        self._settings = settings
-        self._metrics = metrics
+        self.settings = settings
+        self.metrics = metrics
         self._persist = persist
         self.model, self.tokenizer = preloaded if preloaded else (None, None)
         self.load_error: str | None = None
@@ -224,18 +135,18 @@ class Engine:
         decoder = TextStream(self.tokenizer, params.stop)
         generation = Generation(session, new_messages, delta, ids, params, decoder, asyncio.get_running_loop())
         with self._cond:
-            if self._in_flight >= self._settings.max_running + self._settings.max_waiting:
+            if self._in_flight >= self.settings.max_running + self.settings.max_waiting:
                 raise QueueFullError(f"{self._in_flight} generations are in flight; retry later")
             self._in_flight += 1
             self._generations.add(generation)
             self._waiting.append(generation)
-            self._metrics.requests_waiting.set(len(self._waiting))
+            self.metrics.requests_waiting.set(len(self._waiting))
             self._cond.notify()
         session.active = generation
         return generation
 
     def _load(self) -> None:
-        s = self._settings
+        s = self.settings
         logger.info("loading model %s", s.model)
         self.model, self.tokenizer = load_model(s.model, device=s.device, dtype=s.dtype)
 
@@ -248,8 +159,8 @@ class Engine:
             self.load_error = f"model failed to load: {exc}"
             return
         self._eos_ids = sorted(_eos_ids(self.model, self.tokenizer))
-        if self._settings.batching:
-            self._batcher = Batcher(self, self._settings.max_batch)
+        if self.settings.batching:
+            self._batcher = Batcher(self, self.settings.max_batch)
         self._ready.set()
         active: list[Generation] = []
         while True:
@@ -258,25 +169,25 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     break
-                while self._waiting and len(active) < self._settings.max_running:
+                while self._waiting and len(active) < self.settings.max_running:
                     active.append(self._waiting.popleft())
                     active[-1].scheduled_at = time.perf_counter()
-                    self._metrics.queue_time.observe(active[-1].scheduled_at - active[-1].submitted_at)
-                self._metrics.requests_waiting.set(len(self._waiting))
-            self._metrics.requests_running.set(len(active))
+                    self.metrics.queue_time.observe(active[-1].scheduled_at - active[-1].submitted_at)
+                self.metrics.requests_waiting.set(len(self._waiting))
+            self.metrics.requests_running.set(len(active))
             stepped, sampled_before = active, sum(len(g.output_ids) for g in active)
             active = self._step_all(active)
             sampled = sum(len(g.output_ids) for g in stepped) - sampled_before  # at most one token each
             if sampled:
-                self._metrics.decode_batch_size.observe(sampled)
-            self._metrics.requests_running.set(len(active))
+                self.metrics.decode_batch_size.observe(sampled)
+            self.metrics.requests_running.set(len(active))
             if not active and not self._waiting:  # idle: what turns freed goes back to the OS (RSS follows sessions)
                 release_freed_memory()
         with self._cond:
             active += self._waiting
             self._waiting.clear()
         for generation in active:
-            self._fail(generation, GenerationError("the server is shutting down"))
+            self.fail(generation, GenerationError("the server is shutting down"))
 
     def _step_all(self, active: list[Generation]) -> list[Generation]:
         """One scheduler round: advance each running generation by one step; return those still running."""
@@ -286,35 +197,35 @@ class Engine:
             running = []
             for generation in active:
                 try:
-                    done = self._step(generation)
+                    done = self.step(generation)
                 except Exception as exc:
                     logger.exception("generation failed in session %s", file_stem(generation.session.id)[:16])
-                    self._fail(generation, GenerationError(f"generation failed: {exc}"))
+                    self.fail(generation, GenerationError(f"generation failed: {exc}"))
                     done = True
                 if not done:
                     running.append(generation)
         return running
 
-    def _step(self, g: Generation) -> bool:
+    def step(self, g: Generation) -> bool:
         """Feed one prefill chunk or the last sampled token, maybe sample the next; True when finished."""
         if g.cancelled:
-            self._finish(g, "cancelled")
+            self.finish(g, "cancelled")
             return True
         if g.n_fed < len(g.prompt_ids):
-            chunk = g.prompt_ids[g.n_fed : g.n_fed + self._settings.prefill_chunk]
+            chunk = g.prompt_ids[g.n_fed : g.n_fed + self.settings.prefill_chunk]
             logits = self._forward(g.session, chunk)
             g.n_fed += len(chunk)
             if g.n_fed < len(g.prompt_ids):
                 return False
         else:
             logits = self._forward(g.session, g.output_ids[-1:])
-        reason = self._take(g, logits)
+        reason = self.take(g, logits)
         if reason is None:
             return False
-        self._finish(g, reason)
+        self.finish(g, reason)
         return True
 
-    def _take(self, g: Generation, logits: torch.Tensor) -> str | None:
+    def take(self, g: Generation, logits: torch.Tensor) -> str | None:
         """Sample the next token from `logits` (vocab,) and emit it; the finish reason, or None to go on."""
         if g.generator is None:
             g.generator = torch.Generator(device=logits.device)
@@ -326,7 +237,7 @@ class Engine:
         token = sample(logits, g.params, g.generator, suppress)
         previous, g.last_token_at = g.last_token_at, time.perf_counter()
         if previous is not None:
-            self._metrics.inter_token_latency.observe(g.last_token_at - previous)
+            self.metrics.inter_token_latency.observe(g.last_token_at - previous)
         g.first_token_at = g.first_token_at or g.last_token_at
         g.output_ids.append(token)
         is_eos = token in self._eos_ids
@@ -373,13 +284,13 @@ class Engine:
         )
         evicted = cache.evicted_tokens - evicted_before
         session.evicted_tokens += evicted
-        self._metrics.cache_evictions.inc(evicted)
+        self.metrics.cache_evictions.inc(evicted)
         session.cache_tokens_seen = cache.get_seq_length()
         session.cache_tokens = cache.kept_tokens()
         session.cache_bytes = cache.nbytes()
         return out.logits[0, -1]
 
-    def _finish(self, g: Generation, reason: str) -> None:
+    def finish(self, g: Generation, reason: str) -> None:
         """Write the turn into the session (unless it was cancelled before anything was fed), save it, then
         report it and release the session. A batched turn has left the pool already: its cache is the row's copy."""
         s = g.session
@@ -402,7 +313,7 @@ class Engine:
         ttft_s = (g.first_token_at - g.submitted_at) if g.first_token_at else 0.0
         n_out = len(g.output_ids)
         tpot_s = (g.last_token_at - g.first_token_at) / (n_out - 1) if n_out > 1 else 0.0
-        m = self._metrics
+        m = self.metrics
         m.requests.labels(reason).inc()
         m.prompt_tokens.inc(g.n_fed)
         m.generation_tokens.inc(n_out)
@@ -429,7 +340,7 @@ class Engine:
             if error is None:
                 self._release(g, result)
                 return
-            self._metrics.requests.labels("error").inc()
+            self.metrics.requests.labels("error").inc()
             self._release(
                 g,
                 TurnNotSavedError(
@@ -443,12 +354,12 @@ class Engine:
         else:
             complete()
 
-    def _fail(self, g: Generation, error: GenerationError) -> None:
+    def fail(self, g: Generation, error: GenerationError) -> None:
         """The turn is dropped; the cache may hold part of it, so the next turn rebuilds it from the last exchanges
         (see app.chat.context)."""
         if g.n_fed:
             g.session.reset_cache()
-        self._metrics.requests.labels("error").inc()
+        self.metrics.requests.labels("error").inc()
         self._release(g, error)
 
     def _release(self, g: Generation, last: TurnResult | GenerationError) -> None:

@@ -12,7 +12,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.engine import Generation, GenerationError
+from app.generation import Generation, GenerationError
 from app.protocol import TurnResult
 from app.snapshots import file_stem
 

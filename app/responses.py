@@ -11,11 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.engine import (
-    Generation,
-    GenerationError,
-)
 from app.errors import ApiError, error_body
+from app.generation import Generation, GenerationError
 from app.protocol import (
     Logprob,
     OpenAIRequest,

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors.torch import save as save_tensors
@@ -32,10 +32,20 @@ from app.snapshots import (
 from h2o_cache import CachePolicy, cache_state
 
 if TYPE_CHECKING:
-    from app.engine import Generation
     from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+
+class Turn(Protocol):
+    """What the session store knows of the turn a session is generating (app.generation.Generation): sessions hold
+    state, not generations."""
+
+    cancelled: bool
+    finished: asyncio.Event
+
+    def cancel(self) -> None: ...
+
 
 SUMMARY_FIELDS = (
     "id",
@@ -91,7 +101,7 @@ class Session:
     evicted_tokens: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
-    active: Generation | None = None
+    active: Turn | None = None
     persisted: bool = False
     """The snapshot on disk holds this state: the session may leave memory."""
     ephemeral: bool = False

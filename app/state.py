@@ -6,9 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from app.engine import (
-    Engine,
-)
+from app.engine import Engine
 from app.errors import invalid_policy
 from app.metrics import Metrics
 from app.sessions import SessionStore

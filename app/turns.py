@@ -11,13 +11,9 @@ from contextlib import contextmanager, suppress
 
 from app.chat import Message
 from app.conversations import conversation_key
-from app.engine import (
-    EngineNotReadyError,
-    Generation,
-    QueueFullError,
-    SessionBusyError,
-)
+from app.engine import EngineNotReadyError, QueueFullError, SessionBusyError
 from app.errors import ApiError, invalid_policy, not_found, retry_later
+from app.generation import Generation
 from app.protocol import (
     SamplingFields,
 )

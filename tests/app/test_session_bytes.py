@@ -184,7 +184,7 @@ def test_the_pool_gauge_follows_the_pool(tiny_model, monkeypatch):
 
     def recording(self, active):
         running = real(self, active)
-        gauge = self.engine._metrics.registry.get_sample_value("h2o_kv_pool_bytes")
+        gauge = self.engine.metrics.registry.get_sample_value("h2o_kv_pool_bytes")
         working = self.pool.cache.working_nbytes() if self.pool.cache is not None else 0
         seen.append((gauge, self.pool.nbytes(), working))
         return running
