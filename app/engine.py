@@ -176,7 +176,16 @@ class Engine:
                 self.metrics.requests_waiting.set(len(self._waiting))
             self.metrics.requests_running.set(len(active))
             stepped, sampled_before = active, sum(len(g.output_ids) for g in active)
-            active = self._step_all(active)
+            try:
+                active = self._step_all(active)
+            except Exception as exc:  # a fault outside any one turn's step: end this round's turns, keep serving
+                logger.exception("a scheduler round failed")
+                if self._batcher is not None:
+                    self._batcher.pool.reset()
+                for g in stepped:
+                    if not g.ended:
+                        self.fail(g, GenerationError(f"generation failed: {exc}"))
+                active = []
             sampled = sum(len(g.output_ids) for g in stepped) - sampled_before  # at most one token each
             if sampled:
                 self.metrics.decode_batch_size.observe(sampled)
@@ -293,6 +302,7 @@ class Engine:
     def finish(self, g: Generation, reason: str) -> None:
         """Write the turn into the session (unless it was cancelled before anything was fed), save it, then
         report it and release the session. A batched turn has left the pool already: its cache is the row's copy."""
+        g.ended = True
         s = g.session
         if s.cache is not None:  # a session at rest holds its stored codes only, and reports what it holds
             s.cache.release_working()
@@ -357,6 +367,7 @@ class Engine:
     def fail(self, g: Generation, error: GenerationError) -> None:
         """The turn is dropped; the cache may hold part of it, so the next turn rebuilds it from the last exchanges
         (see app.chat.context)."""
+        g.ended = True
         if g.n_fed:
             g.session.reset_cache()
         self.metrics.requests.labels("error").inc()

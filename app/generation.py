@@ -67,6 +67,8 @@ class Generation:
         """When the worker took it from the waiting queue (perf_counter)."""
         self.outcome: TurnResult | GenerationError | None = None
         """The last event, once the turn has ended (the request log reads it)."""
+        self.ended = False
+        """Set by the worker when it finishes or fails the turn (a finished turn may still be being saved)."""
         self._loop = loop
 
     def cancel(self) -> None:

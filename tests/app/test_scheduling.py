@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import app.engine
+from app.batching import Batcher
 from tests.app.conftest import generate, sse_events, wait_until
 
 
@@ -129,3 +130,22 @@ def test_the_session_limit_answers_429(serve):
         generate(client, "only", "still works", max_new_tokens=2)
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "too_many_sessions"
     assert "retry-after" in refused.headers
+
+
+def test_a_fault_outside_any_turn_ends_the_round_and_the_engine_keeps_serving(server, monkeypatch):
+    """A bug in the scheduler round itself (not in one turn's step) fails that round's turns; the worker lives on."""
+    real, raised = Batcher.step_all, []
+
+    def broken_once(self, active):
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("the round broke")
+        return real(self, active)
+
+    monkeypatch.setattr(Batcher, "step_all", broken_once)
+    with server.client() as client:
+        failed = client.post(
+            "/sessions/round-fault/generate", json={"message": "hi", "max_new_tokens": 4, "stream": False}
+        )
+        assert failed.status_code == 500 and "the round broke" in failed.json()["error"]["message"]
+        assert generate(client, "round-fault", "again", max_new_tokens=4)[1]["finish_reason"] == "length"
