@@ -59,6 +59,25 @@ SUMMARY_FIELDS = (
     "updated_at",
     "conversation_key",
 )
+RECORD_FIELDS = (
+    "id",
+    "owner",
+    "policy",
+    "system",
+    "message_count",
+    "fed_prompt",
+    "fed_reply",
+    "conversation_key",
+    "pending_ids",
+    "turns",
+    "cache_tokens",
+    "cache_tokens_seen",
+    "cache_bytes",
+    "evicted_tokens",
+    "created_at",
+    "updated_at",
+)
+"""Fields a session and its snapshot record (app.snapshots.SessionRecord) share as they are."""
 
 
 @dataclass
@@ -138,25 +157,10 @@ class Session:
         unsaved = self.unsaved
         lines = encode_transcript(unsaved)
         record = SessionRecord(
-            id=self.id,
-            owner=self.owner,
-            policy=self.policy,
-            system=self.system,
+            **{name: getattr(self, name) for name in RECORD_FIELDS},
             history=self.history[-(len(unsaved) + CONTEXT_MESSAGES) :],
-            message_count=self.message_count,
             transcript=TranscriptRef(messages=self.message_count, bytes=self.transcript.bytes + len(lines)),
-            fed_prompt=self.fed_prompt,
-            fed_reply=self.fed_reply,
-            conversation_key=self.conversation_key,
-            pending_ids=self.pending_ids,
             cache=cache_meta,
-            turns=self.turns,
-            cache_tokens=self.cache_tokens,
-            cache_tokens_seen=self.cache_tokens_seen,
-            cache_bytes=self.cache_bytes,
-            evicted_tokens=self.evicted_tokens,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
         )
         return record, save_tensors(tensors) if tensors else b"", lines
 
@@ -169,25 +173,10 @@ class Session:
     def from_snapshot(cls, snapshot: Snapshot) -> Session:
         r = snapshot.record
         return cls(
-            id=r.id,
-            policy=r.policy,
-            system=r.system,
-            owner=r.owner,
+            **{name: getattr(r, name) for name in RECORD_FIELDS},
             history=list(r.history),
-            message_count=r.message_count,
             transcript=r.transcript,
-            fed_prompt=r.fed_prompt,
-            fed_reply=r.fed_reply,
-            conversation_key=r.conversation_key,
-            pending_ids=list(r.pending_ids),
             saved_cache=(snapshot.tensors, r.cache) if r.cache is not None else None,
-            turns=r.turns,
-            cache_tokens=r.cache_tokens,
-            cache_tokens_seen=r.cache_tokens_seen,
-            cache_bytes=r.cache_bytes,
-            evicted_tokens=r.evicted_tokens,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
             persisted=True,
         )
 
