@@ -135,31 +135,23 @@ class Metrics:
         self.requests_running = Gauge("h2o_requests_running", "Generations being advanced", registry=r)
         self.requests_waiting = Gauge("h2o_requests_waiting", "Generations queued for a slot", registry=r)
         self.cache_evictions = Counter("h2o_cache_evictions", "KV cache tokens evicted", registry=r)
-        # After vLLM's set (vllm:e2e_request_latency_seconds, request_queue_time_seconds ...), per turn.
-        self.e2e_latency = Histogram(
+
+        # After vLLM's set (vllm:e2e_request_latency_seconds, request_queue_time_seconds ...), one per turn.
+        def per_turn(name: str, documentation: str) -> Histogram:
+            return Histogram(name, documentation, buckets=REQUEST_BUCKETS_S, registry=r)
+
+        self.e2e_latency = per_turn(
             "h2o_e2e_request_latency_seconds",
             "Turn submitted to its end (last token, or cancelled), one observation per finished turn",
-            buckets=REQUEST_BUCKETS_S,
-            registry=r,
         )
-        self.queue_time = Histogram(
+        self.queue_time = per_turn(
             "h2o_request_queue_time_seconds",
             "Turn submitted to first scheduled (taken from the waiting queue by the worker)",
-            buckets=REQUEST_BUCKETS_S,
-            registry=r,
         )
-        self.prefill_time = Histogram(
-            "h2o_request_prefill_time_seconds",
-            "First scheduled to first token (the prompt's prefill)",
-            buckets=REQUEST_BUCKETS_S,
-            registry=r,
+        self.prefill_time = per_turn(
+            "h2o_request_prefill_time_seconds", "First scheduled to first token (the prompt's prefill)"
         )
-        self.decode_time = Histogram(
-            "h2o_request_decode_time_seconds",
-            "First token to last token of a turn",
-            buckets=REQUEST_BUCKETS_S,
-            registry=r,
-        )
+        self.decode_time = per_turn("h2o_request_decode_time_seconds", "First token to last token of a turn")
         self.inter_token_latency = Histogram(
             "h2o_inter_token_latency_seconds",
             "Time between two consecutive tokens of a turn, observed for every token after the first",

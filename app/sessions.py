@@ -47,36 +47,10 @@ class Turn(Protocol):
     def cancel(self) -> None: ...
 
 
-SUMMARY_FIELDS = (
-    "id",
-    "owner",
-    "turns",
-    "cache_tokens",
-    "cache_tokens_seen",
-    "cache_bytes",
-    "evicted_tokens",
-    "created_at",
-    "updated_at",
-    "conversation_key",
-)
-RECORD_FIELDS = (
-    "id",
-    "owner",
-    "policy",
-    "system",
-    "message_count",
-    "fed_prompt",
-    "fed_reply",
-    "conversation_key",
-    "pending_ids",
-    "turns",
-    "cache_tokens",
-    "cache_tokens_seen",
-    "cache_bytes",
-    "evicted_tokens",
-    "created_at",
-    "updated_at",
-)
+COUNTERS = ("turns", "cache_tokens", "cache_tokens_seen", "cache_bytes", "evicted_tokens", "created_at", "updated_at")
+SUMMARY_FIELDS = ("id", "owner", *COUNTERS, "conversation_key")
+RECORD_FIELDS = ("id", "owner", "policy", "system", "message_count", "fed_prompt", "fed_reply", "conversation_key")
+RECORD_FIELDS += ("pending_ids", *COUNTERS)
 """Fields a session and its snapshot record (app.snapshots.SessionRecord) share as they are."""
 
 
