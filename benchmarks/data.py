@@ -7,6 +7,7 @@ Two Cities, which no tuning decision may look at. Single names (``moby``, ``prid
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """``data_dir`` as given if absolute, else relative to the repository root (default ``../shared/data``)."""
     path = Path(data_dir or DEFAULT_DATA_DIR)
     return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+
+
+def text_checksums(data_dir: str | Path | None = None) -> dict[str, str]:
+    """sha256 of every evaluation text present (row name -> hex digest), so a result says which texts it read."""
+    folder = resolve_data_dir(data_dir)
+    return {
+        row: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for row, name in FILES.items()
+        if (folder / name).is_file()
+    }
 
 
 def expand_texts(spec: str | list[str]) -> list[str]:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.data import REPO_ROOT
+from benchmarks.data import REPO_ROOT, text_checksums
 from benchmarks.runner import SMOKE_MODEL
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+"""The committed results; written only when --out names it."""
+RUNS_DIR = REPO_ROOT / "benchmarks" / "runs"
 
 
 def common_args(description: str) -> argparse.ArgumentParser:
@@ -27,7 +29,12 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: fp32 CPU, fp16 CUDA)")
     parser.add_argument("--data-dir", default=None, help="folder with the texts (default ../shared/data from the repo)")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results, smoke: .../smoke)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: a new benchmarks/runs/<script>-<time>, never the committed "
+        "benchmarks/results; pass --out benchmarks/results to update those)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -40,7 +47,12 @@ def common_args(description: str) -> argparse.ArgumentParser:
 
 
 def out_dir(args) -> Path:
-    path = Path(args.out) if args.out else RESULTS_DIR / ("smoke" if args.smoke else "")
+    """--out, or a fresh folder under benchmarks/runs (ignored by git), so that a run never overwrites the committed
+    results by accident."""
+    if args.out:
+        path = Path(args.out)
+    else:
+        path = RUNS_DIR / f"{Path(sys.argv[0]).stem}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -78,6 +90,8 @@ def meta(args, start: dict) -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "text_sha256": {} if args.smoke else text_checksums(args.data_dir),
         "wall_s": round(time.time() - start["started"], 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
