@@ -154,6 +154,11 @@ def _upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _marker_owner(marker: Path) -> str:
+    """The owner an owner marker `<stem>.<owner>.owner` names."""
+    return marker.name.split(".")[1]
+
+
 class SnapshotStore:
     """Synchronous reads and writes of snapshots in `directory` (writes come from one thread, see SnapshotWriter)."""
 
@@ -171,13 +176,13 @@ class SnapshotStore:
             self._commit(stem, record, tensor_bytes, transcript)
         except BaseException:
             if first:  # nothing was acknowledged: the id is nobody's yet
-                for path in [*self.directory.glob(f"{stem}.*.owner"), self.directory / f"{stem}.transcript.jsonl"]:
+                for path in [*self.directory.glob(f"{stem}.*.owner"), self._transcript(stem)]:
                     path.unlink(missing_ok=True)
             raise
 
     def _commit(self, stem: str, record: SessionRecord, tensor_bytes: bytes, transcript: bytes) -> None:
         self._mark_owner(stem, record.owner)
-        self._append(self.directory / f"{stem}.transcript.jsonl", record.transcript.bytes - len(transcript), transcript)
+        self._append(self._transcript(stem), record.transcript.bytes - len(transcript), transcript)
         tensors = None
         if tensor_bytes:
             digest = hashlib.sha256(tensor_bytes).hexdigest()
@@ -204,7 +209,7 @@ class SnapshotStore:
     def owner(self, stem: str) -> str | None:
         """The owner marker's name for file stem `stem` (ANYONE for a session made without keys); None if none."""
         for path in self.directory.glob(f"{stem}.*.owner"):
-            return path.name.removeprefix(f"{stem}.").removesuffix(".owner")
+            return _marker_owner(path)
         return None
 
     def read_record(self, session_id: str) -> SessionRecord:
@@ -245,9 +250,10 @@ class SnapshotStore:
         """The first `ref.messages` messages of a session, verified line by line (SnapshotCorruptError if not)."""
         if ref.messages == 0:
             return []
-        name = f"{file_stem(session_id)}.transcript.jsonl"
+        path = self._transcript(file_stem(session_id))
+        name = path.name
         try:
-            with open(self.directory / name, "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read(ref.bytes)
         except FileNotFoundError as exc:
             raise SnapshotCorruptError(f"transcript {name} is missing") from exc
@@ -276,7 +282,7 @@ class SnapshotStore:
         (self.directory / f"{stem}.json").unlink(missing_ok=True)
         for path in [
             *self.directory.glob(f"{stem}.*.safetensors"),
-            self.directory / f"{stem}.transcript.jsonl",
+            self._transcript(stem),
             *self.directory.glob(f"{stem}.*.owner"),
         ]:
             path.unlink(missing_ok=True)
@@ -289,7 +295,7 @@ class SnapshotStore:
             p
             for p in [
                 self.directory / f"{stem}.json",
-                self.directory / f"{stem}.transcript.jsonl",
+                self._transcript(stem),
                 *self.directory.glob(f"{stem}.*.safetensors"),
             ]
             if p.exists()
@@ -312,6 +318,9 @@ class SnapshotStore:
         whose snapshot was quarantined still names a session (its owner can see the error and delete it). Removes
         what a crash left behind once older than LEFTOVER_AGE_S: temp files, and tensor files, transcripts and
         owner markers of no snapshot."""
+        owners = {  # one listing for the whole directory, not a glob per snapshot
+            marker.name.split(".", 1)[0]: _marker_owner(marker) for marker in self.directory.glob("*.owner")
+        }
         live: set[str] = set()
         kept_tensors: set[str] = set()
         for path in sorted(self.directory.glob("*.json")):
@@ -324,16 +333,15 @@ class SnapshotStore:
             except SnapshotCorruptError as exc:
                 error = self.set_aside(stem, exc)
                 kept_tensors.update(p.name for p in self.directory.glob(f"{stem}.*.safetensors"))
-                yield stem, self.owner(stem), error
+                yield stem, owners.get(stem), error
                 continue
             if isinstance(tensors, dict):
                 kept_tensors.add(str(tensors.get("file")))
-            yield stem, self.owner(stem), record
-        for marker in self.directory.glob("*.owner"):
-            stem = marker.name.split(".", 1)[0]
+            yield stem, owners.get(stem), record
+        for stem, owner in owners.items():
             if stem not in live and self.quarantined(stem):
                 live.add(stem)
-                yield stem, self.owner(stem), SnapshotCorruptError(f"snapshot {stem} was quarantined as damaged")
+                yield stem, owner, SnapshotCorruptError(f"snapshot {stem} was quarantined as damaged")
         horizon = time.time() - LEFTOVER_AGE_S
         leftovers = [
             *self.directory.glob(".*.tmp"),
@@ -407,6 +415,9 @@ class SnapshotStore:
             raise SnapshotCorruptError(
                 f"snapshot {path.name} does not match the format {body['format']} schema ({detail})"
             ) from exc
+
+    def _transcript(self, stem: str) -> Path:
+        return self.directory / f"{stem}.transcript.jsonl"
 
     def _mark_owner(self, stem: str, owner: str | None) -> None:
         """Write the owner marker (the API checks ownership before a session is created or used, so another
