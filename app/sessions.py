@@ -331,8 +331,7 @@ class SessionStore:
         except FileNotFoundError:  # deleted meanwhile
             return
         except SnapshotCorruptError as exc:
-            self._damaged(stem, self._snapshots.set_aside(stem, exc), self._snapshots.owner(stem))
-            self._signatures[stem] = self._snapshots.signature(stem)
+            self._set_aside(stem, self._snapshots.set_aside(stem, exc))
             return
         self._signatures[stem] = signature
         self._stored[session_id] = stored_summary(record)
@@ -347,8 +346,7 @@ class SessionStore:
         except SnapshotCorruptError as exc:
             stem = file_stem(session_id)
             error = await asyncio.to_thread(self._snapshots.set_aside, stem, exc)
-            self._damaged(stem, error, self._snapshots.owner(stem))
-            self._signatures[stem] = self._snapshots.signature(stem)
+            self._set_aside(stem, error)
             self._stored.pop(session_id, None)
             raise error from exc
         finally:
@@ -522,6 +520,12 @@ class SessionStore:
             if session.turns == 0 and session.active is None and session_id not in self._stored:
                 del self._resident[session_id]
                 session.deleted = True
+
+    def _set_aside(self, stem: str, error: SnapshotCorruptError) -> None:
+        """A snapshot found damaged in use was just quarantined (app.snapshots.SnapshotStore.set_aside): remember
+        the damage and its owner, and that what is on disk now is what this store has seen."""
+        self._damaged(stem, error, self._snapshots.owner(stem))
+        self._signatures[stem] = self._snapshots.signature(stem)
 
     def _damaged(self, stem: str, error: SnapshotCorruptError, marker: str | None) -> None:
         logger.error("session snapshot %s is damaged and will not be loaded: %s", stem, error)
