@@ -18,7 +18,9 @@ def timed_tokens(server, session_id: str, max_new_tokens: int, started: threadin
     with (
         server.client() as client,
         client.stream(
-            "POST", f"/sessions/{session_id}/generate", json={"message": "go", "max_new_tokens": max_new_tokens}
+            "POST",
+            f"/sessions/{session_id}/generate",
+            json={"message": "go", "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens},
         ) as response,
     ):
         for event, _ in sse_events(response):

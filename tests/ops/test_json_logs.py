@@ -28,7 +28,7 @@ def json_log(tmp_path_factory) -> tuple[list[dict], dict]:
             "POST",
             "/sessions/json-session/generate",
             headers={"X-Request-Id": "json-stream-1"},
-            json={"message": "hello", "max_new_tokens": 5},
+            json={"message": "hello", "max_new_tokens": 5, "temperature": 0},
         ) as response:
             seen["stream_id"] = response.headers["x-request-id"]
             seen["done"] = [data for event, data in sse_events(response) if event == "done"][0]
