@@ -1,6 +1,8 @@
-"""The model and its scheduler: one worker thread owns the model and advances every running generation one
-step per round (a prefill chunk or one decoded token), round-robin, so sessions interleave fairly.
-No HTTP here: the routes submit turns and read each turn's events from an asyncio queue."""
+"""The engine loop, in the shape of vLLM v1's: one worker thread repeats a step — the scheduler plans it
+(app.scheduler, pure), the model runner runs its forwards (app.model_runner), the output processor turns logits
+into tokens and events (app.output_processor) — and the engine writes each ended turn into its session, saves it
+and hands the turn's last event to the request. No HTTP here: the routes submit turns (app.turns) and read each
+turn's events from an asyncio queue."""
 
 from __future__ import annotations
 
@@ -10,23 +12,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from app.batching import Batcher
 from app.chat import Message, context, turn_delta
 from app.conversations import extend_key, root_key
 from app.generation import Generation, GenerationError, TurnNotSavedError
 from app.memory import release_freed_memory
 from app.metrics import Metrics
-from app.protocol import Logprob, TokenEvent, TurnResult, Usage
-from app.sampling import SamplingParams, logprobs, sample
+from app.model_runner import ModelRunner
+from app.output_processor import OutputProcessor
+from app.protocol import TurnResult, Usage
+from app.sampling import SamplingParams
+from app.scheduler import SchedulerConfig, StepPlan, schedule
 from app.sessions import Session
 from app.settings import Settings
 from app.snapshots import file_stem
 from app.textstream import TextStream
-from h2o_cache import load_model, make_cache, restore_cache
+from h2o_cache import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +49,8 @@ class SessionBusyError(Exception):
 
 
 class Engine:
-    """Holds the model and the scheduler thread.
-
-    `_step_all` is the one place that runs the model over the running generations; continuous batching
-    replaces it with one batched forward per round without touching the HTTP layer.
-    """
+    """The worker thread and its queue of submitted turns; the model runner and output processor exist once the
+    model has loaded (`ready`)."""
 
     def __init__(
         self,
@@ -73,8 +75,8 @@ class Engine:
         """Submitted and not yet released (guarded by _cond)."""
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._eos_ids: list[int] = []
-        self._batcher: Batcher | None = None
+        self.runner: ModelRunner | None = None
+        self.output: OutputProcessor | None = None
 
     @property
     def ready(self) -> bool:
@@ -158,161 +160,119 @@ class Engine:
             logger.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"
             return
-        self._eos_ids = sorted(_eos_ids(self.model, self.tokenizer))
-        if self.settings.batching:
-            self._batcher = Batcher(self, self.settings.max_batch)
+        s = self.settings
+        self.runner = ModelRunner(self.model, self.metrics, s.max_batch if s.batching else None)
+        self.output = OutputProcessor(self.model, self.tokenizer, self.metrics)
         self._ready.set()
-        active: list[Generation] = []
+        config = SchedulerConfig.from_settings(s)
+        running: list[Generation] = []
         while True:
             with self._cond:
-                while not (self._stopping or active or self._waiting):
+                while not (self._stopping or running or self._waiting):
                     self._cond.wait()
                 if self._stopping:
                     break
-                while self._waiting and len(active) < self.settings.max_running:
-                    active.append(self._waiting.popleft())
-                    active[-1].scheduled_at = time.perf_counter()
-                    self.metrics.queue_time.observe(active[-1].scheduled_at - active[-1].submitted_at)
+                fault = None
+                try:
+                    plan = schedule(config, self._waiting, running, self.runner.pool_view())
+                except Exception as exc:  # a scheduler bug: this step's turns (all of them) end below
+                    fault, plan = exc, StepPlan(running=[*running, *self._waiting], admitted=len(self._waiting))
+                for _ in range(plan.admitted):
+                    admitted = self._waiting.popleft()
+                    admitted.scheduled_at = time.perf_counter()
+                    self.metrics.queue_time.observe(admitted.scheduled_at - admitted.submitted_at)
                 self.metrics.requests_waiting.set(len(self._waiting))
-            self.metrics.requests_running.set(len(active))
-            stepped, sampled_before = active, sum(len(g.output_ids) for g in active)
+            self.metrics.requests_running.set(len(plan.running))
             try:
-                active = self._step_all(active)
-            except Exception as exc:  # a fault outside any one turn's step: end this round's turns, keep serving
-                logger.exception("a scheduler round failed")
-                if self._batcher is not None:
-                    self._batcher.pool.reset()
-                for g in stepped:
-                    if not g.ended:
-                        self.fail(g, GenerationError(f"generation failed: {exc}"))
-                active = []
-            sampled = sum(len(g.output_ids) for g in stepped) - sampled_before  # at most one token each
-            if sampled:
-                self.metrics.decode_batch_size.observe(sampled)
-            self.metrics.requests_running.set(len(active))
-            if not active and not self._waiting:  # idle: what turns freed goes back to the OS (RSS follows sessions)
+                if fault is not None:
+                    raise fault
+                self._execute(plan)
+            except Exception as exc:  # a fault outside any one turn's part: the step's turns end, the engine serves on
+                self._fail_round(plan.running, exc)
+            running = [g for g in plan.running if not g.ended]
+            self.metrics.requests_running.set(len(running))
+            if not running and not self._waiting:  # idle: what turns freed goes back to the OS (RSS follows sessions)
                 release_freed_memory()
         with self._cond:
-            active += self._waiting
+            ending = [*running, *self._waiting]
             self._waiting.clear()
-        for generation in active:
+        for generation in ending:
             self.fail(generation, GenerationError("the server is shutting down"))
 
-    def _step_all(self, active: list[Generation]) -> list[Generation]:
-        """One scheduler round: advance each running generation by one step; return those still running."""
+    def _execute(self, plan: StepPlan[Generation]) -> None:
+        """Carry out one step's plan: each turn's part fails alone; a fault in the batched forward fails its rows."""
+        sampled_before = sum(len(g.output_ids) for g in plan.running)
         with torch.inference_mode():
-            if self._batcher is not None:
-                return self._batcher.step_all(active)
-            running = []
-            for generation in active:
-                try:
-                    done = self.step(generation)
-                except Exception as exc:
-                    logger.exception("generation failed in session %s", file_stem(generation.session.id)[:16])
-                    self.fail(generation, GenerationError(f"generation failed: {exc}"))
-                    done = True
-                if not done:
-                    running.append(generation)
-        return running
+            for g in plan.cancelled:
+                self.finish(g, "cancelled")
+            for g, n in plan.prefill:
+                self._guarded(g, self._prefill, n)
+            for g in plan.joins:
+                self._guarded(g, self.runner.join)
+            for g in plan.alone:
+                self._guarded(g, self._decode_alone)
+            pooled = [g for g in plan.pooled if not g.ended]
+            if pooled:
+                self._decode_pooled(pooled)
+        sampled = sum(len(g.output_ids) for g in plan.running) - sampled_before  # at most one token each
+        if sampled:
+            self.metrics.decode_batch_size.observe(sampled)
+        self.metrics.kv_pool_bytes.set(self.runner.pool_nbytes())
 
-    def step(self, g: Generation) -> bool:
-        """Feed one prefill chunk or the last sampled token, maybe sample the next; True when finished."""
-        if g.cancelled:
-            self.finish(g, "cancelled")
-            return True
-        if g.n_fed < len(g.prompt_ids):
-            chunk = g.prompt_ids[g.n_fed : g.n_fed + self.settings.prefill_chunk]
-            logits = self._forward(g.session, chunk)
-            g.n_fed += len(chunk)
-            if g.n_fed < len(g.prompt_ids):
-                return False
-        else:
-            logits = self._forward(g.session, g.output_ids[-1:])
-        reason = self.take(g, logits)
-        if reason is None:
-            return False
-        self.finish(g, reason)
-        return True
+    def _prefill(self, g: Generation, n: int) -> None:
+        """Feed the next `n` prompt tokens; the last chunk's logits give the turn its first token."""
+        logits = self.runner.feed(g, g.prompt_ids[g.n_fed : g.n_fed + n])
+        g.n_fed += n
+        if g.n_fed == len(g.prompt_ids):
+            self._take(g, logits)
 
-    def take(self, g: Generation, logits: torch.Tensor) -> str | None:
-        """Sample the next token from `logits` (vocab,) and emit it; the finish reason, or None to go on."""
-        if g.generator is None:
-            g.generator = torch.Generator(device=logits.device)
-            if g.params.seed is None:
-                g.generator.seed()
-            else:
-                g.generator.manual_seed(g.params.seed)
-        suppress = self._eos_ids if len(g.output_ids) < g.params.min_new_tokens else []
-        token = sample(logits, g.params, g.generator, suppress)
-        previous, g.last_token_at = g.last_token_at, time.perf_counter()
-        if previous is not None:
-            self.metrics.inter_token_latency.observe(g.last_token_at - previous)
-        g.first_token_at = g.first_token_at or g.last_token_at
-        g.output_ids.append(token)
-        is_eos = token in self._eos_ids
-        text = "" if is_eos else g.decoder.push(token)
-        reason = None
-        if is_eos or g.decoder.stopped:
-            reason = "stop"
-        elif len(g.output_ids) >= g.params.max_new_tokens:
-            reason = "length"
+    def _decode_alone(self, g: Generation) -> None:
+        self._take(g, self.runner.feed(g, g.output_ids[-1:]))
+
+    def _decode_pooled(self, pooled: list[Generation]) -> None:
+        try:
+            logits = self.runner.decode_pooled(pooled)
+        except Exception as exc:
+            self._fail_round(pooled, exc)
+            return
+        for g in pooled:
+            self._guarded(g, self._take, logits[g])
+
+    def _take(self, g: Generation, logits: torch.Tensor) -> None:
+        reason = self.output.take(g, logits)
         if reason is not None:
-            text += g.decoder.flush()
-        if text or not is_eos:
-            g.emit(TokenEvent(text=text, token_id=token, **self._logprobs(logits, token, g.params.top_logprobs)))
-        return reason
+            self.finish(g, reason)
 
-    def _logprobs(self, logits: torch.Tensor, token: int, top: int | None) -> dict:
-        """A token event's `logprob` and `top_logprobs` fields (none unless the request asked)."""
-        if top is None:
-            return {}
-        sampled, alternatives = logprobs(logits, token, top)
-        ids = [token] + [i for i, _ in alternatives]
-        texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
-        return {
-            "logprob": Logprob(token_id=token, token=texts[0], logprob=sampled),
-            "top_logprobs": [Logprob(token_id=i, token=t, logprob=lp) for (i, lp), t in zip(alternatives, texts[1:])]
-            if top
-            else None,
-        }
+    def _guarded(self, g: Generation, action: Callable[..., None], *args: Any) -> None:
+        """Run one turn's part of the step; if it raises, that turn alone fails (and frees its pool row)."""
+        try:
+            action(g, *args)
+        except Exception as exc:
+            logger.exception("generation failed in session %s", file_stem(g.session.id)[:16])
+            self.fail(g, GenerationError(f"generation failed: {exc}"))
 
-    def _forward(self, session: Session, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` to the session's cache; return the last position's logits (vocab,)."""
-        if session.cache is None and session.saved_cache is not None:
-            session.cache = restore_cache(self.model, *session.saved_cache)
-            session.saved_cache = None
-        elif session.cache is None:
-            session.cache = make_cache(self.model, session.policy)
-        cache = session.cache
-        evicted_before = cache.evicted_tokens
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.model.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        evicted = cache.evicted_tokens - evicted_before
-        session.evicted_tokens += evicted
-        self.metrics.cache_evictions.inc(evicted)
-        session.cache_tokens_seen = cache.get_seq_length()
-        session.cache_tokens = cache.kept_tokens()
-        session.cache_bytes = cache.nbytes()
-        return out.logits[0, -1]
+    def _fail_round(self, turns: list[Generation], exc: Exception) -> None:
+        """A fault outside any one turn's part (the scheduler, the batched forward): its turns end with an error."""
+        logger.exception("a scheduler step failed", exc_info=exc)
+        self.runner.reset()
+        for g in turns:
+            if not g.ended:
+                self.fail(g, GenerationError(f"generation failed: {exc}"))
 
     def finish(self, g: Generation, reason: str) -> None:
         """Write the turn into the session (unless it was cancelled before anything was fed), save it, then
-        report it and release the session. A batched turn has left the pool already: its cache is the row's copy."""
+        report it and release the session."""
         g.ended = True
+        self.runner.leave(g)
         s = g.session
         if s.cache is not None:  # a session at rest holds its stored codes only, and reports what it holds
             s.cache.release_working()
             s.cache_bytes = s.cache.nbytes()
         started = g.n_fed > 0
         if started:
-            ends_with_eos = reason == "stop" and g.output_ids[-1:] and g.output_ids[-1] in self._eos_ids
-            content_ids = g.output_ids[:-1] if ends_with_eos else g.output_ids
-            s.append([*g.new_messages, {"role": "assistant", "content": self._raw(content_ids)}])
-            s.fed_prompt, s.fed_reply = g.prompt_text, self._raw(g.output_ids)
+            content_ids = g.output_ids[:-1] if reason == "stop" and self.output.ends_with_eos(g) else g.output_ids
+            s.append([*g.new_messages, {"role": "assistant", "content": self.output.raw(content_ids)}])
+            s.fed_prompt, s.fed_reply = g.prompt_text, self.output.raw(g.output_ids)
             s.conversation_key = extend_key(
                 s.conversation_key or root_key(s.owner),
                 [*g.new_messages, {"role": "assistant", "content": g.decoder.output}],
@@ -368,6 +328,7 @@ class Engine:
         """The turn is dropped; the cache may hold part of it, so the next turn rebuilds it from the last exchanges
         (see app.chat.context)."""
         g.ended = True
+        self.runner.drop(g)
         if g.n_fed:
             g.session.reset_cache()
         self.metrics.requests.labels("error").inc()
@@ -378,15 +339,3 @@ class Engine:
             self._in_flight -= 1
             self._generations.discard(g)
         g.close(last)
-
-    def _raw(self, ids: list[int]) -> str:
-        """Exact text of `ids`, special tokens included: what the chat template must reproduce."""
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """End-of-turn tokens: the tokenizer's EOS plus the generation config's (an int or a list)."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(configured if isinstance(configured, list) else [configured])
-    ids.add(tokenizer.eos_token_id)
-    return {i for i in ids if i is not None}

@@ -13,6 +13,7 @@ from app.protocol import TokenEvent, TurnResult
 from app.sampling import SamplingParams
 from app.sessions import Session
 from app.textstream import TextStream
+from h2o_cache import CachePolicy
 
 
 class GenerationError(Exception):
@@ -70,6 +71,14 @@ class Generation:
         self.ended = False
         """Set by the worker when it finishes or fails the turn (a finished turn may still be being saved)."""
         self._loop = loop
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def policy(self) -> CachePolicy:
+        return self.session.policy
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-from app.batching import SlotPool
 from app.engine import Engine
 from app.metrics import Metrics
 from app.sampling import SamplingParams
 from app.sessions import Session
 from app.settings import Settings
+from app.slot_pool import SlotPool
 from h2o_cache import CachePolicy, make_cache
 from h2o_cache.loading import quantize_int8
 from tests.app.conftest import SMALL_POLICY, SMALL_SLACK

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-import app.engine
+import app.output_processor
 from app.__main__ import JsonFormatter
 from tests.app.conftest import generate, sse_events
 
@@ -137,7 +137,7 @@ def test_json_lines_parse_and_hold_the_fields(serve, request_log):
 
 def test_a_stream_that_ends_in_an_error_event_is_logged_at_error_with_its_cause(serve, request_log, monkeypatch):
     server = serve()
-    real_sample, calls = app.engine.sample, []
+    real_sample, calls = app.output_processor.sample, []
 
     def failing_sample(*args):
         calls.append(1)
@@ -146,7 +146,7 @@ def test_a_stream_that_ends_in_an_error_event_is_logged_at_error_with_its_cause(
         return real_sample(*args)
 
     with server.client() as client:
-        monkeypatch.setattr(app.engine, "sample", failing_sample)
+        monkeypatch.setattr(app.output_processor, "sample", failing_sample)
         with client.stream(
             "POST",
             "/sessions/failing/generate",
@@ -155,7 +155,7 @@ def test_a_stream_that_ends_in_an_error_event_is_logged_at_error_with_its_cause(
         ) as response:
             assert response.status_code == 200
             events = list(sse_events(response))
-        monkeypatch.setattr(app.engine, "sample", real_sample)
+        monkeypatch.setattr(app.output_processor, "sample", real_sample)
     assert [e for e, _ in events] == ["token", "error"]
     record = request_log.wait("broken-stream")
     fields = record.h2o_fields

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import app.engine
-from app.batching import Batcher
+import app.output_processor
 from tests.app.conftest import generate, sse_events, wait_until
 
 
@@ -95,7 +95,7 @@ def test_a_failure_mid_turn_reports_an_error_and_rolls_the_session_back(serve, m
     with server.client() as client:
         _, first = generate(client, "fail", "hello", max_new_tokens=4)
         before = client.get("/sessions/fail").json()
-        real_sample = app.engine.sample
+        real_sample = app.output_processor.sample
         calls = []
 
         def failing_sample(*args):
@@ -104,10 +104,10 @@ def test_a_failure_mid_turn_reports_an_error_and_rolls_the_session_back(serve, m
                 raise RuntimeError("injected failure")
             return real_sample(*args)
 
-        monkeypatch.setattr(app.engine, "sample", failing_sample)
+        monkeypatch.setattr(app.output_processor, "sample", failing_sample)
         with client.stream("POST", "/sessions/fail/generate", json={"message": "boom", "max_new_tokens": 4}) as r:
             events = list(sse_events(r))
-        monkeypatch.setattr(app.engine, "sample", real_sample)
+        monkeypatch.setattr(app.output_processor, "sample", real_sample)
         rolled_back = client.get("/sessions/fail").json()
         _, after = generate(client, "fail", "again", max_new_tokens=4)
         session = client.get("/sessions/fail").json()
@@ -135,16 +135,16 @@ def test_the_session_limit_answers_429(serve):
 
 
 def test_a_fault_outside_any_turn_ends_the_round_and_the_engine_keeps_serving(server, monkeypatch):
-    """A bug in the scheduler round itself (not in one turn's step) fails that round's turns; the worker lives on."""
-    real, raised = Batcher.step_all, []
+    """A bug in the scheduler itself (not in one turn's step) fails that step's turns; the worker lives on."""
+    real, raised = app.engine.schedule, []
 
-    def broken_once(self, active):
+    def broken_once(*args):
         if not raised:
             raised.append(True)
             raise RuntimeError("the round broke")
-        return real(self, active)
+        return real(*args)
 
-    monkeypatch.setattr(Batcher, "step_all", broken_once)
+    monkeypatch.setattr(app.engine, "schedule", broken_once)
     with server.client() as client:
         failed = client.post(
             "/sessions/round-fault/generate", json={"message": "hi", "max_new_tokens": 4, "stream": False}

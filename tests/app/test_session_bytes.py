@@ -11,7 +11,6 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from app.batching import Batcher
 from app.engine import Engine
 from app.main import create_app
 from app.metrics import Metrics
@@ -180,16 +179,16 @@ def test_the_cache_gauge_is_the_sum_of_what_sessions_hold(serve):
 def test_the_pool_gauge_follows_the_pool(tiny_model, monkeypatch):
     """After every batched round the gauge is what the pool holds, its decoded working copy included."""
     seen: list[tuple[float, int, int]] = []
-    real = Batcher.step_all
+    real = Engine._execute
 
-    def recording(self, active):
-        running = real(self, active)
-        gauge = self.engine.metrics.registry.get_sample_value("h2o_kv_pool_bytes")
-        working = self.pool.cache.working_nbytes() if self.pool.cache is not None else 0
-        seen.append((gauge, self.pool.nbytes(), working))
-        return running
+    def recording(self, plan):
+        real(self, plan)
+        pool = self.runner.pool
+        gauge = self.metrics.registry.get_sample_value("h2o_kv_pool_bytes")
+        working = pool.cache.working_nbytes() if pool.cache is not None else 0
+        seen.append((gauge, pool.nbytes(), working))
 
-    monkeypatch.setattr(Batcher, "step_all", recording)
+    monkeypatch.setattr(Engine, "_execute", recording)
     engine = Engine(Settings(policy=SMALL_POLICY, policy_slack=SMALL_SLACK), Metrics(), preloaded=tiny_model)
     engine.start()
     deadline = time.monotonic() + 30
