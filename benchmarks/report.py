@@ -49,12 +49,14 @@ def common_args(description: str) -> argparse.ArgumentParser:
 def out_dir(args) -> Path:
     """--out, or a fresh folder under benchmarks/runs (ignored by git), so that a run never overwrites the committed
     results by accident."""
-    if args.out:
-        path = Path(args.out)
-    else:
-        path = RUNS_DIR / f"{Path(sys.argv[0]).stem}{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(args.out) if args.out else fresh_run_dir(Path(sys.argv[0]).stem, args.smoke)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def fresh_run_dir(name: str, smoke: bool) -> Path:
+    """A new folder under benchmarks/runs, named after the command and the time (not created here)."""
+    return RUNS_DIR / f"{name}{'-smoke' if smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def apply_smoke(args) -> None:
