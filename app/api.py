@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator
 
-from app.errors import ApiError, not_found
+from app.errors import ApiError
 from app.protocol import (
     MAX_API_KEY_CHARS,
     MAX_CLIENT_ID_CHARS,
@@ -49,10 +49,9 @@ from app.sessions import SnapshotDeleteError
 from app.snapshots import SnapshotCorruptError
 from app.state import ServerState
 from app.turns import (
+    check_owner,
     continued_conversation,
     existing_session,
-    owner_of,
-    owns,
     start_completion,
     start_turn,
 )
@@ -183,8 +182,7 @@ async def delete_session(session_id: SessionId, state: State, owner: Owner) -> R
     """Deleting a generating session cancels its generation; its snapshot goes too (a damaged one included), and
     204 means the files are gone (500 `storage_error` if they could not be removed: the session still exists).
     On the event loop, as every other use of the session store."""
-    if not state.sessions.exists(session_id) or not owns(state, owner, owner_of(state, session_id)):
-        raise not_found(session_id)
+    check_owner(state, session_id, owner)
     try:
         session = await state.sessions.delete(session_id)
     except SnapshotDeleteError as exc:

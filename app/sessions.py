@@ -256,10 +256,6 @@ class SessionStore:
             self._resident.move_to_end(session_id)
         return session
 
-    def exists(self, session_id: str) -> bool:
-        self.refresh(session_id)
-        return session_id in self._resident or session_id in self._stored or file_stem(session_id) in self._corrupt
-
     def find_conversation(self, key: str) -> str | None:
         """The id of an idle session whose conversation has `key` (app.conversations; a key holds its owner)."""
         for session in self._resident.values():
@@ -270,25 +266,25 @@ class SessionStore:
                 return session_id
         return None
 
-    def summary(self, session_id: str) -> dict[str, Any] | None:
-        """Listing fields of a session without loading it; None if unknown or corrupt."""
+    def lookup(self, session_id: str) -> tuple[bool, str | None]:
+        """(whether the session exists, its owner) from one look at the snapshot directory: the owner from its
+        summary, or from its owner marker when its snapshot is damaged."""
         self.refresh(session_id)
+        stem = file_stem(session_id)
+        if stem in self._corrupt:
+            return True, self._corrupt[stem][1]
         session = self._resident.get(session_id)
-        return session.summary() if session is not None else self._stored.get(session_id)
+        if session is not None:
+            return True, session.owner
+        summary = self._stored.get(session_id)
+        return summary is not None, None if summary is None else summary["owner"]
 
-    def damaged_owner(self, session_id: str) -> str | None:
-        """The owner of a session whose snapshot is damaged (None: made without API keys; UNKNOWN_OWNER: nobody
-        can tell, so no key owns it); KeyError if its snapshot is not damaged."""
-        return self._corrupt[file_stem(session_id)][1]
-
-    def is_damaged(self, session_id: str) -> bool:
-        self.refresh(session_id)
-        return file_stem(session_id) in self._corrupt
-
-    async def load(self, session_id: str) -> Session | None:
+    async def load(self, session_id: str, refresh: bool = True) -> Session | None:
         """The session, read back from its snapshot if it is not in memory; None if there is none. Raises
-        SnapshotCorruptError when its snapshot fails verification (every time, until it is deleted)."""
-        self.refresh(session_id)
+        SnapshotCorruptError when its snapshot fails verification (every time, until it is deleted). `refresh`:
+        False when the caller has just looked (`lookup`) and not awaited since."""
+        if refresh:
+            self.refresh(session_id)
         while session_id not in self._resident:
             stem = file_stem(session_id)
             if stem in self._corrupt:

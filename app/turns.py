@@ -62,20 +62,16 @@ async def start_turn(
         sampling,
         stop,
     )
-    existing = await load_session(state, session_id, owner)
-    if existing is not None and existing.active is not None and existing.active.cancelled:
+    session = await load_session(state, session_id, owner)
+    if session is not None and session.active is not None and session.active.cancelled:
         with suppress(TimeoutError):
-            await asyncio.wait_for(existing.active.finished.wait(), CANCEL_GRACE_S)
-    while state.sessions.get(session_id) is None and state.sessions.exists(session_id):
-        await load_session(state, session_id, owner)  # it left memory while this request waited
-    # No await from here on: the lookup, the checks and the submit happen atomically on the event loop.
-    session = state.sessions.get(session_id)
+            await asyncio.wait_for(session.active.finished.wait(), CANCEL_GRACE_S)
+        session = await load_session(state, session_id, owner)  # it may have left memory meanwhile
+    # No await from here on: the checks and the submit happen atomically on the event loop.
     created = session is None
     if created:
         session = Session(id=session_id, policy=state.parse_policy(policy, kv_dtype), system=system, owner=owner)
     else:
-        if not owns(state, owner, session.owner):
-            raise not_found(session_id)
         requested = None
         if policy is not None or kv_dtype is not None:  # what is left unsaid is the session's own
             requested = state.parse_policy(
@@ -185,12 +181,14 @@ def check_same(session: Session, policy: CachePolicy | None, system: str | None)
 
 
 async def load_session(state: ServerState, session_id: str, owner: str | None) -> Session | None:
-    """The session if it exists and belongs to `owner` (else None when it does not exist, 404 when it is
-    another key's); loaded from its snapshot if needed (500 when the snapshot is damaged)."""
-    if state.sessions.exists(session_id) and not owns(state, owner, owner_of(state, session_id)):
+    """The session, resident when this returns (read back from its snapshot if needed), if it exists and belongs to
+    `owner`; None when it does not exist, 404 when it is another key's, 500 when its snapshot is damaged. One look
+    at the store: the caller may use the session without another await in between."""
+    known, session_owner = state.sessions.lookup(session_id)
+    if known and not owns(state, owner, session_owner):
         raise not_found(session_id)
     try:
-        session = await state.sessions.load(session_id)
+        session = await state.sessions.load(session_id, refresh=False)
     except SnapshotCorruptError as exc:
         raise ApiError(
             500,
@@ -198,7 +196,7 @@ async def load_session(state: ServerState, session_id: str, owner: str | None) -
             "DELETE the session to start it over",
             "snapshot_corrupt",
         ) from exc
-    if session is not None and not owns(state, owner, session.owner):
+    if session is not None and not owns(state, owner, session.owner):  # replaced by another key's while loading
         raise not_found(session_id)
     return session
 
@@ -210,12 +208,11 @@ async def existing_session(state: ServerState, session_id: str, owner: str | Non
     return session
 
 
-def owner_of(state: ServerState, session_id: str) -> str | None:
-    """The owner of a known session, from its summary, or from its owner marker when its snapshot is damaged."""
-    if state.sessions.is_damaged(session_id):
-        return state.sessions.damaged_owner(session_id)
-    summary = state.sessions.summary(session_id)
-    return summary["owner"] if summary is not None else None
+def check_owner(state: ServerState, session_id: str, owner: str | None) -> None:
+    """404 unless the session exists (damaged or not) and is `owner`'s."""
+    known, session_owner = state.sessions.lookup(session_id)
+    if not known or not owns(state, owner, session_owner):
+        raise not_found(session_id)
 
 
 def owns(state: ServerState, caller: str | None, owner: str | None) -> bool:
