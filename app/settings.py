@@ -6,10 +6,12 @@ import socket
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.protocol import MAX_API_KEY_CHARS
+from h2o_cache.loading import CHOICES as DTYPE_CHOICES
+from h2o_cache.loading import WEIGHT_DTYPES
 from h2o_cache.quant import KV_DTYPES
 
 DEFAULT_KV_DTYPE = "k8v4"
@@ -29,7 +31,9 @@ class Settings(BaseSettings):
     model: str = Field("smollm2", description="'smollm2' (bundled GGUF) or an HF id / local path")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda when available")
     dtype: str | None = Field(
-        None, description="fp32, bf16, fp16, int8 (weight-only Linear, CPU) or auto; default: fp32 on CPU, fp16 on CUDA"
+        None,
+        description="model weights and compute: fp32, bf16, fp16, auto, or the CPU's weight-only int8 / int4 (every "
+        "Linear, bf16 activations; h2o_cache.weights, benchmarks/results/weights); default: fp32 on CPU, fp16 on CUDA",
     )
 
     policy: str = Field(
@@ -128,6 +132,17 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An unknown precision, or a CPU-only one on a GPU, fails at startup with the choices."""
+        if value is not None and value not in DTYPE_CHOICES:
+            raise ValueError(f"unknown dtype {value!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+        device = info.data.get("device") or ""
+        if value in WEIGHT_DTYPES and device.startswith("cuda"):
+            raise ValueError(f"dtype {value!r} runs on the CPU's weight-only kernels; on {device!r} use fp16 or bf16")
+        return value
 
     @classmethod
     def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:

@@ -154,7 +154,8 @@ def load(args, dtype: str | None):
     """(model, tokenizer): the real model, or for --smoke a tiny random Llama with SmolLM2's chat tokenizer."""
     if not args.smoke:
         return load_model(args.model, device=args.device, dtype=dtype)
-    from h2o_cache.loading import quantize_int8, resolve_dtype, tiny_llama
+    from h2o_cache.loading import resolve_dtype, tiny_llama
+    from h2o_cache.weights import quantize_int8
 
     model, tokenizer = tiny_llama()
     model = model.to(resolve_dtype(dtype, "cpu"))

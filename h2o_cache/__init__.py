@@ -7,6 +7,7 @@ from h2o_cache.policy import CachePolicy
 from h2o_cache.rope import RotaryDelta
 from h2o_cache.scorers import SCORERS, EmaScorer, KeyDiffScorer, MeanScorer, Scorer, SumScorer, TovaScorer
 from h2o_cache.snapshot import cache_state, restore_cache
+from h2o_cache.weights import Int4WeightLinear, Int8WeightLinear, quantize_weights
 
 __all__ = [
     "SCORERS",
@@ -14,6 +15,8 @@ __all__ = [
     "EmaScorer",
     "H2OCache",
     "H2OLayer",
+    "Int4WeightLinear",
+    "Int8WeightLinear",
     "KeyDiffScorer",
     "MeanScorer",
     "RotaryDelta",
@@ -26,5 +29,6 @@ __all__ = [
     "enable_streaming_llm",
     "load_model",
     "make_cache",
+    "quantize_weights",
     "restore_cache",
 ]

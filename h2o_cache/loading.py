@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from h2o_cache.weights import INT4, INT8, KERNEL_DTYPE, WEIGHT_DTYPES, quantize_weights
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
@@ -24,7 +26,29 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-INT8 = "int8"  # weight-only int8 for Linear layers (CPU), activations and KV cache in fp32
+"""Dense weights: compute in the weights' own dtype."""
+WEIGHT_ONLY_COMPUTE = KERNEL_DTYPE
+"""Compute dtype of the weight-only precisions (``int8``, ``int4``; :mod:`h2o_cache.weights`): bf16, the only
+activation dtype their CPU kernels vectorize, for the whole model, so no Linear casts and the KV cache ("auto")
+and attention read half of fp32's bytes. SmolLM2's WikiText PPL is the same as with fp32 activations
+(benchmarks/results/weights)."""
+CHOICES = (*sorted(DTYPES), *WEIGHT_DTYPES, "auto")
+__all__ = [
+    "CHOICES",
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "INT4",
+    "INT8",
+    "WEIGHT_DTYPES",
+    "WEIGHT_ONLY_COMPUTE",
+    "bundled_gguf_path",
+    "default_cache_dir",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model_path",
+    "tiny_llama",
+]
 
 
 def bundled_gguf_path() -> Path:
@@ -45,15 +69,16 @@ def default_cache_dir() -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """fp32 on CPU by default (bf16 matmuls are slow on many CPUs), fp16 on CUDA."""
+    """The compute dtype (activations, the "auto" KV cache) of a ``load_model`` dtype: fp32 on CPU by default, fp16
+    on CUDA; bf16 for the weight-only ``int8`` / ``int4``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype == INT8:
-        return torch.float32
+    if dtype in WEIGHT_DTYPES:
+        return WEIGHT_ONLY_COMPUTE
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}, {INT8!r} or 'auto'")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(CHOICES)}")
     return DTYPES[dtype]
 
 
@@ -90,37 +115,27 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> str:
     return model
 
 
-def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
-    """Weight-only int8 for every Linear layer (dynamic activation quantization), CPU only: decode on a CPU is bound
-    by reading the weights, and int8 reads a quarter of fp32's bytes."""
-    if model.device.type != "cpu":
-        raise ValueError("int8 weights are for the CPU; use dtype fp16 or bf16 on a GPU")
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    # The output projection stays fp32: one per-tensor scale over the whole vocabulary costs far more accuracy
-    # than it saves time (and it is often tied to the input embeddings).
-    spec = {
-        name: default_dynamic_qconfig
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings()
-    }
-    return quantize_dynamic(model, spec, dtype=torch.qint8)
-
-
 def load_model(
     model: str = DEFAULT_MODEL,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     cache_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model + tokenizer in eval mode on `device` with `dtype` (``fp32``, ``bf16``, ``fp16``, ``int8`` or
-    ``auto``); never reaches out to a hub for the default."""
+    """Load model + tokenizer in eval mode on `device` with `dtype`: ``fp32``, ``bf16``, ``fp16``, ``auto``, or the
+    CPU's weight-only ``int8`` / ``int4`` (every Linear; bf16 activations; :mod:`h2o_cache.weights`). Never reaches
+    out to a hub for the default."""
     device = resolve_device(device)
+    compute = resolve_dtype(dtype, device)  # fails on an unknown name before anything loads
+    if dtype in WEIGHT_DTYPES and torch.device(device).type != "cpu":
+        raise ValueError(
+            f"dtype {dtype!r} (weight-only, PyTorch's CPU kernels) needs device 'cpu', not {device!r}; "
+            "on a GPU use fp16 or bf16"
+        )
     path = resolve_model_path(model, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device).eval()
-    if dtype == INT8:
-        lm = quantize_int8(lm)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=compute).to(device).eval()
+    if dtype in WEIGHT_DTYPES:
+        lm = quantize_weights(lm, dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer

@@ -18,7 +18,7 @@ from app.sessions import Session
 from app.settings import Settings
 from app.slot_pool import SlotPool
 from h2o_cache import CachePolicy, make_cache
-from h2o_cache.loading import quantize_int8
+from h2o_cache.weights import quantize_int8
 from tests.app.conftest import SMALL_POLICY, SMALL_SLACK
 
 # Different lengths: the first turns end at different fills, and the long one evicts while it prefills.
