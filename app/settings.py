@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     dtype: str | None = Field(
         None,
         description="model weights and compute: fp32, bf16, fp16, auto, or the CPU's weight-only int8 / int4 (every "
-        "Linear, bf16 activations; h2o_cache.weights, benchmarks/results/weights); default: fp32 on CPU, fp16 on CUDA",
+        "Linear, fp32 activations; h2o_cache.weights, benchmarks/results/weights); default: fp32 on CPU, fp16 on CUDA",
     )
 
     policy: str = Field(

@@ -10,9 +10,10 @@ turns token by token, so that the machine's noise hits them alike. Ratios are to
 context, from the same run.
 
 A config is a `load_model` dtype (``fp32``, ``bf16``, ``int8``, ``int4``) or a weight-only variant that shows why the
-defaults are what they are (:mod:`h2o_cache.weights`): ``int8:act=fp32`` (fp32 model, each Linear casting to bf16
-and back), ``int4:head=int4`` (the output projection in int4 too; ``head=dense`` leaves it as loaded),
-``int4:group=64``.
+defaults are what they are (:mod:`h2o_cache.weights`): ``int8:act=bf16`` (a bf16 model: no casts around the
+kernels), ``int4:head=int4`` (the output projection in int4 too; ``head=dense`` leaves it as loaded),
+``int4:group=64``. Decode timing runs each config under every ``--policies`` cache (default: the full cache and the
+server's default policy and KV storage); PPL is the full cache's.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import torch
 from benchmarks import report, runner
 from benchmarks.ppl import parse_config, ppl_pass, timing_pass
 from benchmarks.runner import Session, Spec
-from h2o_cache.loading import DTYPES, WEIGHT_DTYPES, load_model
+from h2o_cache.loading import DTYPES, WEIGHT_DTYPES, load_model, resolve_dtype
 from h2o_cache.weights import INT4_GROUP_SIZE, OUTPUT_PRECISION, quantize_weights, weight_nbytes
 
-CONFIGS = "fp32,bf16,int8,int4,int8:act=fp32,int4:act=fp32,int4:head=int4,int4:group=64"
-SMOKE_CONFIGS = "fp32,bf16,int8,int4,int4:act=fp32"
+CONFIGS = "fp32,bf16,int8,int4,int8:act=bf16,int4:act=bf16,int4:head=int4,int4:group=64"
+SMOKE_CONFIGS = "fp32,bf16,int8,int4,int4:act=bf16"
+POLICIES = "full,h2o_4_280_560_k8v4"
+SMOKE_POLICIES = "full,h2o_4_8_32_k8v4"
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class InProcess:
@@ -51,22 +55,23 @@ def build(config: str, args) -> tuple[torch.nn.Module, object, dict]:
     weight_only = precision in WEIGHT_DTYPES
     if options and not weight_only:
         raise ValueError(f"{config!r}: options are for the weight-only int8 / int4")
-    act = options.get("act", "bf16" if weight_only else precision)
     head = options.get("head", OUTPUT_PRECISION if weight_only else None)
     group = int(options.get("group", INT4_GROUP_SIZE))
-    described = {"weights": precision, "activations": act, "lm_head": head or precision, "group": None}
-    if weight_only and precision == "int4":
-        described["group"] = group
     if args.smoke:
         model, tokenizer = runner.tiny_model()
-        model = model.to(DTYPES[act])
+        model = model.to(resolve_dtype(options.get("act", precision), "cpu"))
     elif weight_only and options:  # a variant: the load_model path with other choices
-        model, tokenizer = load_model(args.model, device=args.device, dtype=act)
+        model, tokenizer = load_model(args.model, device=args.device, dtype=options.get("act", precision))
     else:  # what H2O_DTYPE=<precision> serves
         model, tokenizer = load_model(args.model, device=args.device, dtype=precision)
-        return model, tokenizer, described
-    if weight_only:
+    if weight_only and (args.smoke or options):
         model = quantize_weights(model, precision, group_size=group, output=None if head == "dense" else head)
+    described = {
+        "weights": precision,
+        "activations": SHORT[model.dtype],
+        "lm_head": head or precision,
+        "group": group if precision == "int4" else None,
+    }
     return model, tokenizer, described
 
 
@@ -82,6 +87,7 @@ def session(model, tokenizer, spec: Spec) -> Session:
 def main(argv=None) -> None:
     parser = report.common_args(__doc__.splitlines()[0])
     parser.add_argument("--configs", default=CONFIGS, help="the first is the reference for the ratios")
+    parser.add_argument("--policies", default=POLICIES, help="caches the decode timing runs under")
     parser.add_argument("--text", default="wikitext", help="text row for PPL and the prompts")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens in the PPL pass")
     parser.add_argument("--step", type=int, default=16, help="tokens per forward after the prefix")
@@ -91,6 +97,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     recorded = dict(vars(args))
     configs = SMOKE_CONFIGS if args.smoke and args.configs == CONFIGS else args.configs
+    policies = SMOKE_POLICIES if args.smoke and args.policies == POLICIES else args.policies
     tokens, contexts, new, reps = args.tokens, [int(c) for c in args.contexts.split(",")], args.new, args.reps
     if args.smoke:
         tokens, contexts, new, reps = 128, [32, 64], 4, 1
@@ -99,39 +106,51 @@ def main(argv=None) -> None:
     start = report.run_start()
     torch.set_num_threads(args.threads)
     labels = [c.strip() for c in configs.split(",") if c.strip()]
-    sessions, described = [], []
+    policies = ["full"] + [
+        p.strip() for p in policies.split(",") if p.strip() and p.strip() not in ("full", "baseline")
+    ]
+    sessions, results = [], []  # sessions: config-major, one per policy, sharing the config's model
     for label in labels:
         model, tokenizer, what = build(label, args)
-        spec = Spec(policy="full", model=args.model, device=args.device, threads=args.threads, data_dir=args.data_dir)
-        sessions.append(session(model, tokenizer, spec))
-        described.append({"config": label, **what, "weight_bytes": weight_nbytes(model)})
-    pool = InProcess(sessions)
-    quality = ppl_pass(pool, [args.text], tokens, args.step)
-    results = [{**d, "ppl": q["ppl"][args.text], "ppl_time_s": q["ppl_time_s"]} for d, q in zip(described, quality)]
+        for policy in policies:
+            spec = Spec(policy, args.model, device=args.device, threads=args.threads, data_dir=args.data_dir)
+            sessions.append(session(model, tokenizer, spec))
+        results.append({"config": label, **what, "weight_bytes": weight_nbytes(model), "timing": {}})
+    full = InProcess(sessions[:: len(policies)])
+    quality = ppl_pass(full, [args.text], tokens, args.step)
+    for r, q in zip(results, quality):
+        r.update(ppl=q["ppl"][args.text], ppl_time_s=q["ppl_time_s"])
+    everyone = InProcess(sessions)
     for ctx in contexts:
-        timing = timing_pass(pool, args.text, ctx, new, reps, desc=f"context {ctx}")
-        for r, t in zip(results, timing):
-            r.setdefault("timing", {})[ctx] = {k: v for k, v in t.items() if k != "gen_kv_bytes"}
+        timing = timing_pass(everyone, args.text, ctx, new, reps, desc=f"context {ctx}")
+        for i, t in enumerate(timing):
+            cell = {k: v for k, v in t.items() if k != "gen_kv_bytes"}
+            results[i // len(policies)]["timing"].setdefault(policies[i % len(policies)], {})[str(ctx)] = cell
     base = results[0]
     for r in results:
         r["ppl_vs_base"] = r["ppl"] / base["ppl"] - 1
         r["bytes_vs_base"] = r["weight_bytes"]["per_token"] / base["weight_bytes"]["per_token"]
-        for ctx, t in r["timing"].items():
-            t["tpot_ratio"] = t["tpot_ms"] / base["timing"][ctx]["tpot_ms"]
+        for policy, by_ctx in r["timing"].items():
+            for ctx, t in by_ctx.items():
+                t["tpot_ratio"] = t["tpot_ms"] / base["timing"][policy][ctx]["tpot_ms"]
     out = report.out_dir(args)
-    text = render(results, labels[0], contexts, args, tokens, new, reps)
+    text = render(results, labels[0], policies, contexts, args, tokens, new, reps)
     (out / "weights.md").write_text(text)
     report.write_json(
         out / "weights.json",
-        {"meta": report.meta(args, start), "args": recorded, "contexts": contexts, "results": results},
+        {
+            "meta": report.meta(args, start),
+            "args": recorded,
+            "policies": policies,
+            "contexts": contexts,
+            "results": results,
+        },
     )
     print(text)
 
 
-def render(results: list[dict], base: str, contexts: list[int], args, tokens: int, new: int, reps: int) -> str:
+def render(results: list[dict], base: str, policies: list[str], contexts: list[int], args, tokens, new, reps) -> str:
     cols = ["Config", "Weights", "Activations", "lm_head", "MB read / token", "Resident MB", "PPL", "PPL vs base"]
-    cols += [f"TPOT @{c} (ms)" for c in contexts] + [f"TPOT @{c} / base" for c in contexts]
-    cols += [f"TTFT @{c} (s)" for c in contexts]
     rows = []
     for r in results:
         weights = r["weights"] + (f" g{r['group']}" if r["group"] else "")
@@ -139,19 +158,26 @@ def render(results: list[dict], base: str, contexts: list[int], args, tokens: in
             [r["config"], weights, r["activations"], r["lm_head"]]
             + [r["weight_bytes"]["per_token"] / 1e6, r["weight_bytes"]["total"] / 1e6, f"{r['ppl']:.4f}"]
             + [f"{100 * r['ppl_vs_base']:+.2f}%"]
-            + [r["timing"][c]["tpot_ms"] for c in contexts]
-            + [r["timing"][c]["tpot_ratio"] for c in contexts]
-            + [r["timing"][c]["ttft_s"] for c in contexts]
         )
-    return (
+    text = (
         f"# Weight precisions ({args.model}, CPU, {args.threads} thread{'s' if args.threads > 1 else ''}; "
-        f"base = {base})\n\n"
-        + report.markdown_table(cols, rows)
-        + f"\nPPL: {args.text}, first {tokens} tokens, full cache, {args.step} tokens per forward after the "
-        f"eviction-free prefix. Timing: full cache, a {args.text} prompt of each context length, then {new} greedy "
-        f"tokens, {reps} reps, every config in this one process taking turns token by token; medians. Weight MB read "
-        "per token: every parameter and buffer but the input embedding table (one row of it is read), the tied "
-        "output projection counted at its own precision.\n"
+        f"base = {base})\n\n" + report.markdown_table(cols, rows)
+    )
+    cols = ["Config"] + [f"{p} @{c}" for p in policies for c in contexts]
+    tpot = [[r["config"]] + [r["timing"][p][str(c)]["tpot_ms"] for p in policies for c in contexts] for r in results]
+    ratio = [
+        [r["config"]] + [r["timing"][p][str(c)]["tpot_ratio"] for p in policies for c in contexts] for r in results
+    ]
+    ttft = [[r["config"]] + [r["timing"][p][str(c)]["ttft_s"] for p in policies for c in contexts] for r in results]
+    text += "\n## Decode TPOT (ms), by cache @ context\n\n" + report.markdown_table(cols, tpot)
+    text += f"\n## TPOT / {base}\n\n" + report.markdown_table(cols, ratio)
+    text += "\n## TTFT (s): prefill of the prompt\n\n" + report.markdown_table(cols, ttft)
+    return text + (
+        f"\nPPL: {args.text}, first {tokens} tokens, full cache, {args.step} tokens per forward after the "
+        f"eviction-free prefix. Timing: a {args.text} prompt of each context length, then {new} greedy tokens, "
+        f"{reps} reps, every (config, cache) in this one process taking turns token by token; medians. MB read per "
+        "token: every parameter and buffer but the input embedding table (one row of it is read), the tied output "
+        "projection counted at its own precision.\n"
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from h2o_cache.weights import INT4, INT8, KERNEL_DTYPE, WEIGHT_DTYPES, quantize_weights
+from h2o_cache.weights import INT4, INT8, WEIGHT_DTYPES, quantize_weights
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,13 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 """Dense weights: compute in the weights' own dtype."""
-WEIGHT_ONLY_COMPUTE = KERNEL_DTYPE
-"""Compute dtype of the weight-only precisions (``int8``, ``int4``; :mod:`h2o_cache.weights`): bf16, the only
-activation dtype their CPU kernels vectorize, for the whole model, so no Linear casts and the KV cache ("auto")
-and attention read half of fp32's bytes. SmolLM2's WikiText PPL is the same as with fp32 activations
-(benchmarks/results/weights)."""
+WEIGHT_ONLY_COMPUTE = torch.float32
+"""Compute dtype of the weight-only precisions (``int8``, ``int4``; :mod:`h2o_cache.weights`): fp32, each Linear
+casting to bf16 and back around its kernel. A bf16 model (no casts, half the KV bytes) decodes a full cache 12%
+faster at 1k tokens, but an H2O cache 20% slower (SmolLM2, one thread: bf16 batched matmuls of the scoring attention
+path are 4x slower than fp32 ones on this CPU), and H2O is what the server runs; WikiText PPL is the same either way
+(benchmarks/results/weights). ``load_model(dtype="bf16")`` then :func:`~h2o_cache.weights.quantize_weights` gives the
+bf16 model."""
 CHOICES = (*sorted(DTYPES), *WEIGHT_DTYPES, "auto")
 __all__ = [
     "CHOICES",
@@ -70,7 +72,7 @@ def default_cache_dir() -> Path:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """The compute dtype (activations, the "auto" KV cache) of a ``load_model`` dtype: fp32 on CPU by default, fp16
-    on CUDA; bf16 for the weight-only ``int8`` / ``int4``."""
+    on CUDA; fp32 for the weight-only ``int8`` / ``int4``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -122,7 +124,7 @@ def load_model(
     cache_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model + tokenizer in eval mode on `device` with `dtype`: ``fp32``, ``bf16``, ``fp16``, ``auto``, or the
-    CPU's weight-only ``int8`` / ``int4`` (every Linear; bf16 activations; :mod:`h2o_cache.weights`). Never reaches
+    CPU's weight-only ``int8`` / ``int4`` (every Linear; fp32 activations; :mod:`h2o_cache.weights`). Never reaches
     out to a hub for the default."""
     device = resolve_device(device)
     compute = resolve_dtype(dtype, device)  # fails on an unknown name before anything loads
