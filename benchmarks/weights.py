@@ -26,7 +26,14 @@ from benchmarks import report, runner
 from benchmarks.ppl import parse_config, ppl_pass, timing_pass
 from benchmarks.runner import Session, Spec
 from h2o_cache.loading import DTYPES, WEIGHT_DTYPES, load_model, resolve_dtype
-from h2o_cache.weights import INT4_GROUP_SIZE, OUTPUT_PRECISION, quantize_weights, weight_nbytes
+from h2o_cache.weights import (
+    INT4_GROUP_SIZE,
+    OUTPUT_PRECISION,
+    Int4WeightLinear,
+    Int8WeightLinear,
+    quantize_weights,
+    weight_nbytes,
+)
 
 CONFIGS = "fp32,bf16,int8,int4,int8:act=bf16,int4:act=bf16,int4:head=int4,int4:group=64"
 SMOKE_CONFIGS = "fp32,bf16,int8,int4,int4:act=bf16"
@@ -60,12 +67,14 @@ def build(config: str, args) -> tuple[torch.nn.Module, object, dict]:
     if args.smoke:
         model, tokenizer = runner.tiny_model()
         model = model.to(resolve_dtype(options.get("act", precision), "cpu"))
-    elif weight_only and options:  # a variant: the load_model path with other choices
-        model, tokenizer = load_model(args.model, device=args.device, dtype=options.get("act", precision))
+    elif weight_only and options:  # a variant: loaded dense in its compute dtype, quantized below with its choices
+        act = options.get("act", SHORT[resolve_dtype(precision, args.device)])
+        model, tokenizer = load_model(args.model, device=args.device, dtype=act)
     else:  # what H2O_DTYPE=<precision> serves
         model, tokenizer = load_model(args.model, device=args.device, dtype=precision)
     if weight_only and (args.smoke or options):
         model = quantize_weights(model, precision, group_size=group, output=None if head == "dense" else head)
+    check(model, precision, head, group)
     described = {
         "weights": precision,
         "activations": SHORT[model.dtype],
@@ -73,6 +82,19 @@ def build(config: str, args) -> tuple[torch.nn.Module, object, dict]:
         "group": group if precision == "int4" else None,
     }
     return model, tokenizer, described
+
+
+def check(model, precision: str, head: str | None, group: int) -> None:
+    """The model is what its row will say (a variant quantized twice would silently be the default)."""
+    kinds = {Int8WeightLinear: "int8", Int4WeightLinear: "int4"}
+    out = model.get_output_embeddings()
+    projection = model.model.layers[0].mlp.down_proj
+    if precision in WEIGHT_DTYPES:
+        assert kinds.get(type(projection)) == precision, (precision, projection)
+        assert kinds.get(type(out), "dense") == (head or "dense"), (head, out)
+        assert precision != "int4" or projection.group_size == group, (group, projection)
+    else:
+        assert type(projection) is torch.nn.Linear and type(out) is torch.nn.Linear
 
 
 def session(model, tokenizer, spec: Spec) -> Session:
