@@ -166,6 +166,8 @@ CATALOG: tuple[Entry, ...] = (
         "stress32k_k8v4/stress",
         4,
     ),
+    Entry("weights", "benchmarks.weights", "", "weights/weights", 6),
+    Entry("profile_step", "benchmarks.profile_step", "", "profile/profile_step", 2),
 )
 BY_NAME = {entry.name: entry for entry in CATALOG}
 BY_PATH = {entry.path: entry for entry in CATALOG}

@@ -29,11 +29,11 @@ DTYPES = {
 """Dense weights: compute in the weights' own dtype."""
 WEIGHT_ONLY_COMPUTE = torch.float32
 """Compute dtype of the weight-only precisions (``int8``, ``int4``; :mod:`h2o_cache.weights`): fp32, each Linear
-casting to bf16 and back around its kernel. A bf16 model (no casts, half the KV bytes) decodes a full cache 12%
-faster at 1k tokens, but an H2O cache 20% slower (SmolLM2, one thread: bf16 batched matmuls of the scoring attention
-path are 4x slower than fp32 ones on this CPU), and H2O is what the server runs; WikiText PPL is the same either way
-(benchmarks/results/weights). ``load_model(dtype="bf16")`` then :func:`~h2o_cache.weights.quantize_weights` gives the
-bf16 model."""
+casting to bf16 and back around its kernel. A bf16 model (no casts, half the KV bytes) decodes a full cache 6-14%
+faster, but the server's H2O cache 11-18% slower (SmolLM2, one thread: the bf16 batched matmuls of H2O's scoring
+attention are ~4x slower than fp32 ones on this CPU), and H2O is what the server runs; WikiText PPL is the same
+either way (benchmarks/results/weights). ``load_model(dtype="bf16")`` then
+:func:`~h2o_cache.weights.quantize_weights` gives the bf16 model."""
 CHOICES = (*sorted(DTYPES), *WEIGHT_DTYPES, "auto")
 __all__ = [
     "CHOICES",

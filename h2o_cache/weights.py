@@ -11,10 +11,11 @@ kernels, which dequantize inside the GEMM:
 
 Both kernels take fp32 activations but only their bf16 path is vectorized (measured on a 2-core AVX-512 Xeon, one
 thread, a 1536x576 layer, one token: fp32 activations 0.53 ms (int8) / 1.4 ms (int4) against 0.045 ms in bf16,
-dense fp32 0.12 ms). So a layer casts its input to bf16, multiplies, and casts the output back to the input's dtype:
-the rest of the model (norms, attention, the KV cache, residual stream) keeps its own compute dtype. Scales and zero
-points are stored in bf16, as the kernels want, and the codes are rounded against those bf16 values, so that the
-dequantized weight is exactly ``q * scale`` (int8) or ``(q - 8) * scale + zero`` (int4) with the stored numbers.
+dense fp32 0.12 ms; fp16 activations are slower still). So a layer casts its input to bf16, multiplies, and casts
+the output back to the input's dtype: the rest of the model (norms, attention, the KV cache, residual stream) keeps
+its own compute dtype. Scales and zero points are stored in bf16, as the kernels want, and the codes are rounded
+against those bf16 values, so that the dequantized weight is exactly ``q * scale`` (int8) or
+``(q - 8) * scale + zero`` (int4) with the stored numbers.
 
 CPU only: the CUDA kernels (``_weight_int4pack_mm``, and an int8 one in recent builds) take other packings and
 layouts that no machine of this project has checked, so :func:`quantize_weights` refuses other devices with a clear
@@ -35,7 +36,7 @@ INT4_GROUP_SIZE = 32
 """Input channels per int4 scale / zero point. The kernel takes 32, 64, 128 or 256; SmolLM2's 576-wide layers take 32
 or 64, at the same speed. 32 is the block of the Q4_1 GGUF the bundled weights come from, so its 4-bit grid is
 recovered but for the bf16 rounding of scales and zero points (WikiText PPL within 0.1% of fp32's with an int8
-``lm_head``); 64 straddles two such blocks and costs +28% PPL."""
+``lm_head``); 64 straddles two such blocks and costs +15% PPL."""
 
 KERNEL_DTYPE = torch.bfloat16
 """Activation, scale and zero-point dtype inside the kernels (their only vectorized path on the CPU)."""
@@ -118,7 +119,7 @@ QUANTIZED_LINEARS = (Int8WeightLinear, Int4WeightLinear)
 
 OUTPUT_PRECISION = INT8
 """Precision of the output projection (``lm_head``) by default, for both ``int8`` and ``int4`` models: per-channel
-int8 costs SmolLM2 nothing measurable (WikiText PPL within 0.1% of fp32's), while int4 there costs +1.2% for 10 MB
+int8 costs SmolLM2 nothing measurable (WikiText PPL within 0.1% of fp32's), while int4 there costs +1.2% for 11 MB
 less read per token (its tied embedding is not on the Q4_1 grid the rest of the GGUF is)."""
 
 
