@@ -81,19 +81,26 @@ def run_start() -> dict:
 
 
 def meta(args, start: dict) -> dict:
-    """Where and how a result was produced (`start` from `run_start`)."""
+    """Where and how a benchmark's result was produced (`start` from `run_start`)."""
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
-        "git_commit": start["git_commit"],
-        "git_dirty_library": start["git_dirty_library"],
+        **run_meta(start, f"benchmarks.{Path(sys.argv[0]).stem}"),
         "model": args.model,
         "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "threads_per_worker": args.threads,
+        "text_sha256": {} if args.smoke else text_checksums(args.data_dir),
+    }
+
+
+def run_meta(start: dict, module: str) -> dict:
+    """The command (as ``python -m <module> ...``), commit, machine and wall time of a run of any script."""
+    return {
+        "command": " ".join([Path(sys.executable).name, "-m", module, *sys.argv[1:]]),
+        "git_commit": start["git_commit"],
+        "git_dirty_library": start["git_dirty_library"],
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "text_sha256": {} if args.smoke else text_checksums(args.data_dir),
         "wall_s": round(time.time() - start["started"], 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -11,6 +11,7 @@ Only 127.0.0.1 is ever contacted by the started server; the run stops after `--t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from benchmarks.report import run_meta, run_start
 
 PROMPTS = (
     "Tell me a story about a lighthouse keeper.",
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the per-turn records and the summary as JSON")
     args = parser.parse_args()
 
+    start = run_start()
     proc = None
     with tempfile.TemporaryDirectory(prefix="h2o-soak-") as snapshot_dir:
         try:
@@ -143,6 +147,13 @@ def main() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
+    report["meta"] = {
+        **run_meta(start, "scripts.soak"),
+        "model": args.model if not args.url else f"the server at {args.url}",
+        "device": "the server's",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "text_sha256": {"PROMPTS": hashlib.sha256("\n".join(PROMPTS).encode()).hexdigest()},
+    }
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1))
