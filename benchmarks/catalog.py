@@ -168,6 +168,14 @@ CATALOG: tuple[Entry, ...] = (
     ),
     Entry("weights", "benchmarks.weights", "", "weights/weights", 6),
     Entry("profile_step", "benchmarks.profile_step", "", "profile/profile_step", 2),
+    Entry(
+        "vs_llamacpp",
+        "benchmarks.vs_llamacpp",
+        "--build --dtype int4,fp32 --policies default,full --chat-policies default --llama-fa off "
+        "--contexts 256,1024,4096,8192 --new 32 --reps 2 --turns 3",
+        "vs_llamacpp/vs_llamacpp",
+        25,
+    ),
 )
 BY_NAME = {entry.name: entry for entry in CATALOG}
 BY_PATH = {entry.path: entry for entry in CATALOG}
