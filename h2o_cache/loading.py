@@ -138,6 +138,7 @@ def load_model(
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=compute).to(device).eval()
     if dtype in WEIGHT_DTYPES:
         lm = quantize_weights(lm, dtype)
+        _copy_out_of_checkpoint(lm)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer
@@ -164,3 +165,11 @@ def tiny_llama(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def _copy_out_of_checkpoint(model: PreTrainedModel) -> None:
+    """Give the parameters a weight-only model keeps dense (embeddings, norms) memory of their own. They are views of
+    the checkpoint's memory map, which keeps the whole mapped file alive, and quantizing read every page of it: the
+    SmolLM2 int4 process held 974 MiB resident after loading (338 MiB of it before), 568 MiB with the copy."""
+    for param in model.parameters():
+        param.data = param.data.clone()

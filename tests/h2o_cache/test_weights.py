@@ -174,3 +174,31 @@ def test_load_model_fails_clearly():
     for kind in ("int8", "int4"):
         with pytest.raises(ValueError, match=f"dtype '{kind}' .* needs device 'cpu', not 'cuda'"):
             load_model("no/such-model", device="cuda", dtype=kind)
+
+
+def _file_mapped(tensor: torch.Tensor) -> str | None:
+    """The file whose memory map holds `tensor`'s data (Linux /proc), None for anonymous memory."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_a_quantized_model_lets_go_of_the_checkpoint(tmp_path):
+    """The dense parameters left after quantizing are copied out of the checkpoint's memory map, which would otherwise
+    keep every page that quantizing read resident (load_model does this for int8 / int4)."""
+    from transformers import AutoModelForCausalLM
+
+    from h2o_cache.loading import _copy_out_of_checkpoint
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert _file_mapped(model.get_input_embeddings().weight), "loading no longer maps the checkpoint: test is moot"
+    quantize_int4(model)
+    _copy_out_of_checkpoint(model)
+    mapped = {name: _file_mapped(p) for name, p in model.named_parameters()}
+    assert mapped and not any(mapped.values()), mapped
