@@ -30,10 +30,11 @@ this script stops with what is missing and how to get it when there is none (``-
   it too only prefills what is new; its RAM prompt cache is off (``--cache-ram 0``) so that the slots are all it
   keeps. A fresh server per engine. Aggregate tokens/s = tokens generated / wall time of the phase; TPOT p50/p95
   over turns (each turn's mean gap after its first token); RSS growth per session = the server's resident set
-  (``/proc/<pid>/status``) after the chats minus after a warm-up (one short turn per chat, all at once, in sessions
-  that stay: see ``run_chats``), over the chats; KV per session: ours = ``cache_bytes`` of ``GET /sessions/{id}``
-  (mean), llama.cpp = its per-slot KV, ``slot_ctx`` x 2 (K, V) x layers x kv heads x head dim x 2 bytes (f16),
-  allocated per slot whatever it holds; the JSON also has it at the tokens each chat held.
+  (``/proc/<pid>/status``) right after the chats and once idle (``IDLE_WAIT_S`` later) minus after a warm-up (one
+  short turn per chat, all at once, in sessions that stay: see ``run_chats``), over the chats; KV per session:
+  ours = ``cache_bytes`` of ``GET /sessions/{id}`` (mean), llama.cpp = its per-slot KV, ``slot_ctx`` x 2 (K, V) x
+  layers x kv heads x head dim x 2 bytes (f16), allocated per slot whatever it holds; the JSON also has it at the
+  tokens each chat held.
 
 llama-server's flash attention (``--llama-fa``) is left at its default, ``auto``, which turns it on here; on this
 project's CPU that made its decoding much slower at long contexts (one thread, 2k tokens: 60 ms/token with it, 24
@@ -81,6 +82,8 @@ SPARE_TOKENS = 8
 """Prompt tokens left free below each context, for a tokenizer's drift (see the module's docstring)."""
 F16_BYTES = 2
 REQUEST_TIMEOUT_S = 900
+IDLE_WAIT_S = 2.0
+"""After the chats, before the idle resident set is read: our engine gives freed memory back when it goes idle."""
 SINGLE_COLUMNS = ["Context", "Prompt tokens", "Engine", "TTFT (s)", "TPOT (ms)", "TPOT / llama.cpp", "Reps"]
 CHAT_COLUMNS = [
     "Engine",
@@ -93,7 +96,8 @@ CHAT_COLUMNS = [
     "TTFT p50 (s)",
     "Tokens per chat",
     "KV per session (MB)",
-    "RSS growth per session (MB)",
+    "RSS growth per session, decoding / idle (MB)",
+    "Server RSS idle (MB)",
 ]
 
 
@@ -353,6 +357,8 @@ def run_chats(args, engine: Engine, user_messages: list[list[str]], warm_message
     started, ended = all_at_once(n_chats, converse)
     wall = ended - started
     rss_after = rss_bytes(engine.pid)
+    time.sleep(IDLE_WAIT_S)
+    rss_idle = rss_bytes(engine.pid)
     flat = [turn for chat in turns for turn in chat]
     generated = sum(t["completion_tokens"] or 0 for t in flat)
     tpots = sorted(t["tpot_s"] for t in flat if t["tpot_s"] is not None)
@@ -372,7 +378,9 @@ def run_chats(args, engine: Engine, user_messages: list[list[str]], warm_message
         "ttft_p50_s": percentile(sorted(t["ttft_s"] for t in flat if t["ttft_s"] is not None), 50),
         "rss_before": rss_before,
         "rss_after": rss_after,
+        "rss_idle": rss_idle,
         "rss_per_session": (rss_after - rss_before) / n_chats,
+        "rss_idle_per_session": (rss_idle - rss_before) / n_chats,
         "last_turn_tokens": [c[-1]["prompt_tokens"] + c[-1]["completion_tokens"] for c in turns],
         "turns_detail": [[{k: v for k, v in t.items() if k != "gaps"} for t in c] for c in turns],
     }
@@ -538,7 +546,8 @@ def render(single: list[dict], chats: list[dict], llama_kv_per_token: int | None
                     c["ttft_p50_s"],
                     tokens,
                     kv,
-                    c["rss_per_session"] / 1e6,
+                    f"{c['rss_per_session'] / 1e6:.2f} / {c['rss_idle_per_session'] / 1e6:.2f}",
+                    c["rss_idle"] / 1e6,
                 ]
             )
         out.append("### Concurrent chats\n\n" + report.markdown_table(CHAT_COLUMNS, rows))
@@ -558,10 +567,10 @@ def legend(args, notes: list[str]) -> str:
         "ours = tokens the chat's session has seen (held = in its cache now), llama.cpp = tokens in the slot after "
         "the last turn (slot = its context); KV per session: ours = `cache_bytes` of `GET /sessions/{id}` (mean), "
         "llama.cpp = one slot's f16 KV at its context (allocated per slot); RSS growth per session = the server's "
-        "resident set after the chats minus after a warm-up (one short turn per chat, all at once, in sessions "
-        "that stay), over the chats: for ours it includes the batch pool's working rows (a decoded copy of every "
-        "decoding row, in the model's dtype, freed when the pool empties), which belong to the running batch, not "
-        "to the sessions.\n"
+        "resident set right after the chats (decoding) and once idle, minus after a warm-up (one short turn per chat, "
+        "all at once, in sessions that stay), over the chats: for ours the decoding figure includes the batch "
+        "pool's working rows (a decoded copy of every decoding row, in the model's dtype), which belong to the "
+        "running batch and are freed when it empties; idle = the sessions alone.\n"
     )
     return text + "".join(f"\n* {note}" for note in notes) + ("\n" if notes else "")
 

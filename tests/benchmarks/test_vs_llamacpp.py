@@ -99,7 +99,7 @@ def test_smoke(tmp_path):
     assert {c["engine"] for c in chats} == {"ours@fp32", "ours@bf16"} | llama
     for chat in chats:
         assert chat["generated_tokens"] == 2 * 2 * 8 and chat["tokens_per_s"] > 0
-        assert chat["kv_per_session"] > 0
+        assert chat["kv_per_session"] > 0 and chat["rss_idle"] > 0
     ours = next(c for c in chats if c["engine"] == "ours@bf16")
     assert ours["policy"] and len(ours["cache_tokens_seen"]) == 2
     assert ours["label"].startswith("ours bf16, default")
