@@ -83,7 +83,8 @@ SPARE_TOKENS = 8
 F16_BYTES = 2
 REQUEST_TIMEOUT_S = 900
 IDLE_WAIT_S = 2.0
-"""After the chats, before the idle resident set is read: our engine gives freed memory back when it goes idle."""
+"""Before an idle resident-set reading (after the warm-up, after the chats): our engine gives freed memory back when it
+goes idle."""
 SINGLE_COLUMNS = ["Context", "Prompt tokens", "Engine", "TTFT (s)", "TPOT (ms)", "TPOT / llama.cpp", "Reps"]
 CHAT_COLUMNS = [
     "Engine",
@@ -333,6 +334,7 @@ def run_chats(args, engine: Engine, user_messages: list[list[str]], warm_message
     all_at_once(
         n_chats, lambda i: chat_turn(engine, i, f"warm-{tag}-{i}", [{"role": "user", "content": warm_messages[i]}], 8)
     )
+    time.sleep(IDLE_WAIT_S)  # both readings idle: the warm-up's freed memory is given back before this one too
     rss_before = rss_bytes(engine.pid)
     turns: list[list[dict]] = [[] for _ in range(n_chats)]
     histories: list[list[dict]] = [[] for _ in range(n_chats)]
