@@ -171,7 +171,7 @@ CATALOG: tuple[Entry, ...] = (
     Entry(
         "vs_llamacpp",
         "benchmarks.vs_llamacpp",
-        "--build --dtype int4,fp32 --policies default,full --chat-policies default --llama-fa off "
+        "--build --dtype int4,fp32 --policies default,h2o_4_280_560_bf16,full --chat-policies default --llama-fa off "
         "--contexts 256,1024,4096,8192 --new 32 --reps 2 --turns 3",
         "vs_llamacpp/vs_llamacpp",
         25,

@@ -494,7 +494,8 @@ def locate_llama(args, log) -> tuple[llamacpp.Found | None, str]:
     if args.ours_only:
         return None, "--ours-only: llama.cpp not run"
     try:
-        found = llamacpp.find_llama_server(build=args.build, cuda=args.cuda_build)
+        # a smoke run never spends minutes building: it runs without llama.cpp when none is found
+        found = llamacpp.find_llama_server(build=args.build and not args.smoke, cuda=args.cuda_build)
     except llamacpp.LlamaServerNotFound as exc:
         if args.smoke:
             return None, f"smoke run without llama.cpp: {str(exc).splitlines()[0]}"
