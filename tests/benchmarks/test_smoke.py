@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablate, batching, eviction, oracle, ppl, recall, speed, step_check, stress
+from benchmarks import ablate, batching, compile_probe, eviction, oracle, ppl, recall, speed, step_check, stress
 from benchmarks import bytes as bytes_bench
 from benchmarks.runner import ReferenceLogprobs, Session, Spec, next_token_divergence, tiny_model
 from h2o_cache import CachePolicy
@@ -274,3 +274,21 @@ def test_oracle_attention_totals_are_the_full_cache_attention_received_so_far():
         grouped = probs.view(len(rows), kv_heads, -1, n, n).sum(2)  # (rows, kv_heads, q, k)
         for b in range(n // step + 1):
             torch.testing.assert_close(totals[b, :, layer], grouped[:, :, : b * step].sum(2), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_probe_smoke(tmp_path):
+    """The compiled step is one graph (fullgraph) that decodes the eager static cache's tokens, as our full cache does;
+    aot_eager traces as inductor does without compiling C++ (seconds, not half a minute)."""
+    compile_probe.main(["--smoke", "--dtypes", "fp32", "--backend", "aot_eager", "--out", str(tmp_path)])
+    header, rows = table_shape((tmp_path / "compile_probe.md").read_text())
+    assert header[:3] == ["Weights", "Context", "Config"]
+    assert [r[2] for r in rows] == [
+        "StaticCache, eager",
+        "StaticCache, torch.compile",
+        "ours `full`, eager",
+        "ours `h2o_4_8_32_k8v4`, eager",
+    ]
+    results = {r["config"]: r for r in json.loads((tmp_path / "compile_probe.json").read_text())["results"]}
+    assert results["StaticCache, torch.compile"]["agrees_for"] == results["StaticCache, torch.compile"]["tokens"] == 8
+    assert results["StaticCache, torch.compile"]["compile_s"] > 0
+    assert results["ours `full`, eager"]["agrees_for"] == 8
