@@ -168,6 +168,7 @@ CATALOG: tuple[Entry, ...] = (
     ),
     Entry("weights", "benchmarks.weights", "", "weights/weights", 6),
     Entry("profile_step", "benchmarks.profile_step", "", "profile/profile_step", 2),
+    Entry("compile_probe", "benchmarks.compile_probe", "", "compile/compile_probe", 5),
     Entry(
         "vs_llamacpp",
         "benchmarks.vs_llamacpp",
