@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from h2o_cache.weights import INT4, INT8, WEIGHT_DTYPES, quantize_weights
@@ -90,23 +91,33 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file()
+
+
 def _convert_bundled(cache_dir: Path) -> Path:
-    """Convert the GGUF to a safetensors checkpoint once (~20 s); later loads take a second or two."""
+    """Convert the GGUF to a safetensors checkpoint once (~20 s); later loads take a second or two. Processes that
+    start together on an empty cache (test workers, replicas sharing a volume) convert it once: the others wait on a
+    lock file beside it and find it done."""
     target = cache_dir / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+    if _converted(target):
         return target
-    gguf = bundled_gguf_path()
-    logger.info("converting %s to %s (one time)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF tensors are already de-quantized to fp32; drop the marker that blocks `save_pretrained`.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_dir / f"{target.name}.lock"):
+        if _converted(target):
+            return target
+        gguf = bundled_gguf_path()
+        logger.info("converting %s to %s (one time)", gguf.name, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF tensors are already de-quantized to fp32; drop the marker that blocks `save_pretrained`.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
     return target
 
 
