@@ -30,8 +30,7 @@ from transformers import StaticCache
 from benchmarks import report, runner
 from benchmarks.data import tokenize
 from h2o_cache import make_cache
-from h2o_cache.loading import load_model, resolve_device
-from h2o_cache.weights import quantize_weights
+from h2o_cache.loading import resolve_device
 
 WARMUP = 4
 
@@ -47,11 +46,9 @@ class StaticDecoder:
             positions = torch.arange(self.position, device=ids.device)
             out = model(input_ids=ids, past_key_values=self.cache, cache_position=positions)
         self.token = out.logits[:, -1:].argmax(-1)
-        self.forward = (
-            torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False)
-            if compiled
-            else (self._forward)
-        )
+        self.forward = self._forward
+        if compiled:
+            self.forward = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False)
 
     def _forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position, use_cache=True)
@@ -81,17 +78,9 @@ class OurDecoder:
         return int(self.token)
 
 
-def load(args, dtype: str):
-    """A fresh model of ``dtype`` (the tiny random one under --smoke) and its tokenizer."""
-    if not args.smoke:
-        return load_model(args.model, device=args.device, dtype=dtype)
-    model, tokenizer = runner.tiny_model()
-    return (quantize_weights(model, dtype) if dtype in ("int8", "int4") else model), tokenizer
-
-
 def measure(args, dtype: str, context: int, policies: list[str]) -> list[dict]:
-    static_model, tokenizer = load(args, dtype)
-    ours_model, _ = load(args, dtype)
+    static_model, tokenizer = runner.load_precision(args, dtype)
+    ours_model, _ = runner.load_precision(args, dtype)
     ids = tokenize(tokenizer, args.text, context, args.data_dir, synthetic=args.smoke)
     ids = torch.tensor([ids], device=static_model.device)
     decoders = [StaticDecoder(static_model, ids, args.new, compiled=False, backend=args.backend)]

@@ -40,7 +40,6 @@ from benchmarks import report, runner
 from benchmarks.data import tokenize
 from h2o_cache import CachePolicy, make_cache
 from h2o_cache.cache import H2OLayer
-from h2o_cache.loading import load_model
 from h2o_cache.weights import QUANTIZED_LINEARS
 
 PREFIX = "h2o_profile::"
@@ -204,14 +203,7 @@ def main(argv=None) -> None:
     steps = args.steps or (4 if args.smoke else max([p.slack for p in bounded], default=16))
     configs = []
     for dtype in args.dtypes.split(","):
-        if args.smoke:
-            from h2o_cache.weights import quantize_weights
-
-            model, tokenizer = runner.tiny_model()
-            model = model.to(torch.bfloat16 if dtype in ("bf16", "int8", "int4") else torch.float32)
-            model = quantize_weights(model, dtype) if dtype in ("int8", "int4") else model
-        else:
-            model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+        model, tokenizer = runner.load_precision(args, dtype)
         ids = tokenize(tokenizer, args.text, context, args.data_dir, synthetic=args.smoke)
         configs += [Config(model, ids, dtype, p) for p in policies]
     # unprofiled: the configs take turns token by token (warm-up steps first)

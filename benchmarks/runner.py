@@ -30,6 +30,8 @@ import torch
 
 from benchmarks.data import FILES, resolve_data_dir, tokenize
 from h2o_cache import CachePolicy, H2OCache, Scorer, load_model, make_cache
+from h2o_cache.loading import resolve_dtype
+from h2o_cache.weights import WEIGHT_DTYPES, quantize_weights
 
 PREFIX_CHUNK = 64  # tokens per forward in the eviction-free prefix; bounds the (rows, chunk, vocab) logits
 SMOKE_MODEL = "tiny"
@@ -109,6 +111,16 @@ class AttentionTimer:
 
     def _post(self, *_):
         self.total_s += time.perf_counter() - self._start
+
+
+def load_precision(args, dtype: str):
+    """``load_model(args.model, args.device, dtype)``, or under ``--smoke`` the tiny model as ``load_model`` would
+    give it: in ``dtype``'s compute dtype, with weight-only int8 / int4 Linears where ``dtype`` names them."""
+    if not args.smoke:
+        return load_model(args.model, device=args.device, dtype=dtype)
+    model, tokenizer = tiny_model()
+    model = model.to(resolve_dtype(dtype, "cpu"))
+    return (quantize_weights(model, dtype) if dtype in WEIGHT_DTYPES else model), tokenizer
 
 
 def process_memory() -> dict:
