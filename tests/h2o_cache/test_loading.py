@@ -50,8 +50,9 @@ def test_processes_starting_together_convert_the_bundled_model_once(tmp_path, mo
         return FakeModel()
 
     monkeypatch.setattr(loading, "bundled_gguf_path", lambda: tmp_path / "x.gguf")
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake_model)
-    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
+    # the module's names, not transformers' classes: other tests' threads may load models meanwhile
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=fake_model))
+    monkeypatch.setattr(loading, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: FakeTokenizer()))
     start = threading.Barrier(2)
 
     def convert():
